@@ -39,7 +39,11 @@ class LoraConfig:
     rank: int = 8  # LoRA rank r
     alpha: float = 8.0  # LoRA alpha; the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the LoRA input
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Module-name suffixes that get adapters. The default adapts every layer that acts on spatial
+    # tokens, so a zero mask is exactly the base model; adding attn2.to_k / attn2.to_v (text side,
+    # never gated) lets the adapters reach every position through cross-attention.
+    target_modules: list[str] = field(default_factory=lambda: [
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"])
     mask_gating: bool = True  # gate adapter updates on spatial tokens by the defect mask
 
     def validate(self) -> None:
@@ -93,7 +97,8 @@ class DataConfig:
 class LossConfig:
     defect_weight: float = 1.0  # loss weight of latent pixels inside the mask
     background_weight: float = 0.1  # loss weight of latent pixels outside the mask
-    normalise_by_weight: bool = True  # divide by the summed weights so small defects are not drowned
+    area_normalised: bool = True  # average defect and background areas separately, so a small
+    # scratch weighs defect_weight however few pixels it covers; false: plain weighted pixel mean
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting; 0 turns it off
     noise_offset: float = 0.0  # offset noise strength; 0 turns it off
     prediction_type: Literal["scheduler", "epsilon", "v_prediction"] = "scheduler"  # target

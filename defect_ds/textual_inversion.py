@@ -47,7 +47,7 @@ def expand_prompt(prompt: str, tokens: list[str], vectors_per_token: int) -> str
     if vectors_per_token == 1:
         return prompt
     for token in tokens:
-        prompt = re.sub(rf"(?<!\S){re.escape(token)}(?!\S)", " ".join(token_names(token, vectors_per_token)),
+        prompt = re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ".join(token_names(token, vectors_per_token)),
                         prompt)
     return prompt
 

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+
+from defect_ds.config import ConfigError, OptimizerConfig, TrainConfig
+from defect_ds.distributed import build_ds_config, zero_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
+def test_shipped_ds_configs_get_batch_arithmetic_injected(name, stage):
+    ds = build_ds_config(ROOT / "ds_configs" / name, TrainConfig(micro_batch_size=3, grad_accum_steps=2),
+                         OptimizerConfig(grad_clip=0.5), world_size=4)
+    assert zero_stage(ds) == stage
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5
+
+
+def test_contradicting_ds_file_is_an_error(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"train_batch_size": 16, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(ConfigError, match="train_batch_size=16 but the run config gives 8"):
+        build_ds_config(f, TrainConfig(micro_batch_size=4, grad_accum_steps=1), OptimizerConfig(), 2)
+    f.write_text('{"train_batch_size": 8}')
+    assert build_ds_config(f, TrainConfig(micro_batch_size=4), OptimizerConfig(), 2)["train_batch_size"] == 8
+
+
+def test_global_batch_size_must_match():
+    with pytest.raises(ConfigError, match="train.global_batch_size=10 contradicts"):
+        build_ds_config(ROOT / "ds_configs/zero2.json", TrainConfig(micro_batch_size=4, global_batch_size=10),
+                        OptimizerConfig(), 2)

@@ -1,0 +1,51 @@
+"""Fine-tunes Stable Diffusion on labelled defects: masked LoRA + textual inversion, DeepSpeed.
+
+    deepspeed --num_gpus 2 train.py --config configs/default.toml --train.max_steps=100
+    python train.py --config configs/default.toml          # one process
+    torchrun --nproc_per_node 2 train.py --config configs/default.toml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from defect_ds.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=(
+        "Any setting can be overridden as --section.field=value, e.g. --train.max_steps=10."))
+    parser.add_argument("--config", help="TOML or JSON run config (defaults apply where it is silent)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the launcher
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config_path, overrides)  # validated before anything heavy starts
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+    from defect_ds.distributed import init_distributed
+    from defect_ds.trainer import Trainer, TrainingDiverged
+
+    dist_info = init_distributed()
+    trainer = Trainer(cfg, dist_info)
+    try:
+        trainer.setup()
+        trainer.train()
+    except (ConfigError, FileNotFoundError, TrainingDiverged) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
