@@ -83,6 +83,10 @@ class DataConfig:
     bad_sample_policy: Literal["warn", "fail"] = "warn"  # what a corrupt sample does at load time
     balance: Literal["none", "repeat"] = "none"  # repeat rare defect types to balance them
     max_repeat: int = 8  # cap on the repeat factor of a rare defect type
+    split_by: Literal["auto", "shard", "sample"] = "auto"  # how ranks share the data: whole shards (each
+    # rank reads only its own; needs >= world_size shards) or every world_size-th sample (every rank reads
+    # all shards); auto picks shard when that drops at most 10% of the samples to keep ranks equal
+    max_image_pixels: int = 1 << 26  # decoded images larger than this are refused as decompression bombs
 
     def validate(self) -> None:
         _require(self.resolution_px >= 8 and self.resolution_px % 8 == 0, "data.resolution_px",
@@ -91,6 +95,10 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
         _require(self.max_repeat >= 1, "data.max_repeat", self.max_repeat, "use 1 or more")
         _require(self.split in ("train", "val"), "data.split", self.split, "use train or val")
+        _require(self.max_image_pixels >= 64, "data.max_image_pixels", self.max_image_pixels,
+                 "use a pixel count such as 67108864")
+        _require(bool(self.train_shards), "data.train_shards", self.train_shards,
+                 "name a folder made by `defect-ds prepare`")
 
 
 @dataclass
@@ -141,6 +149,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine settings (ZeRO stage, offload)
     global_batch_size: int = 0  # if set, must equal micro batch x accumulation x world size
+    stop_at_step: int = 0  # end this launch at this step (checkpointed) to fit a time limit; 0: off
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
@@ -148,6 +157,7 @@ class TrainConfig:
                  "use 1 or more")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
                  "use 1 or more")
+        _require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
         _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
                  "use 0 (derived) or micro batch x accumulation x world size")
 

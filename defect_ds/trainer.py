@@ -59,6 +59,23 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+class Interval:
+    """Counters between two log steps; the loss stays on the device until it is logged."""
+
+    def __init__(self, device: torch.device, nonfinite: torch.Tensor | None = None):
+        self.start = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=device)
+        self.nonfinite = nonfinite if nonfinite is not None else torch.zeros((), device=device, dtype=torch.bool)
+        self.micro_steps = self.steps = self.samples = 0
+        self.data_wait_s = 0.0
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.micro_steps += 1
+        self.samples += samples
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, dist_info: DistInfo):
         self.cfg = cfg
@@ -214,18 +231,15 @@ class Trainer:
         from defect_ds.data.loader import batches_per_epoch, build_loader
 
         cfg = self.cfg
-        accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every_steps
         per_epoch = batches_per_epoch(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
                                       world_size=self.dist.world_size)
         if per_epoch < 1:
             raise ValueError(f"{cfg.data.train_shards} yields no full batch of {cfg.train.micro_batch_size} "
                              f"per rank; lower train.micro_batch_size or add data.")
-        device = self.dist.device
-        loss_sum = torch.zeros((), device=device)
-        nonfinite = torch.zeros((), device=device, dtype=torch.bool)
-        interval_start, interval_samples, data_wait = time.perf_counter(), 0, 0.0
+        end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+        interval = Interval(self.dist.device)
         self.log.start(cfg.train.max_steps, self.step)
-        while self.step < cfg.train.max_steps:
+        while self.step < end:
             if self.batch_in_epoch >= per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             loader = build_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
@@ -233,35 +247,28 @@ class Trainer:
                                   epoch=self.epoch, skip_batches=self.batch_in_epoch)
             fetch_start = time.perf_counter()
             for batch in loader:
-                data_wait += time.perf_counter() - fetch_start
-                loss = self.forward_backward(batch)
-                loss_sum += loss
-                nonfinite |= ~torch.isfinite(loss)
+                interval.data_wait_s += time.perf_counter() - fetch_start
+                interval.add(self.forward_backward(batch), len(batch["caption"]))
                 self.micro_step += 1
                 self.batch_in_epoch += 1
-                interval_samples += len(batch["caption"])
-                if self.micro_step % accum == 0:
+                if self.micro_step % cfg.train.grad_accum_steps == 0:
                     self.step += 1
+                    interval.steps += 1
                     self.log.advance(self.step)
-                    if self.step % log_every == 0 or self.step == cfg.train.max_steps:
-                        self._check_finite(nonfinite)
-                        elapsed = time.perf_counter() - interval_start
-                        self._log_interval(loss_sum, elapsed, interval_samples, data_wait)
-                        loss_sum.zero_()
-                        interval_start, interval_samples, data_wait = time.perf_counter(), 0, 0.0
+                    if self.step % cfg.logging.log_every_steps == 0 or self.step == end:
+                        self._log_interval(interval)
+                        interval = Interval(self.dist.device, interval.nonfinite)
                     if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                        self._check_finite(nonfinite)
-                        self.save()
+                        self.save(interval.nonfinite)
                     if cfg.logging.sample_every_steps and self.step % cfg.logging.sample_every_steps == 0:
                         self.sample_grid()
-                    if self.step >= cfg.train.max_steps:
+                    if self.step >= end:
                         break
                 fetch_start = time.perf_counter()
-        self._check_finite(nonfinite)
-        if not (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
-            self.save()
+        self.save(interval.nonfinite)  # no-op when this step is already checkpointed
         self.export(self.run_dir / "export")
-        if cfg.logging.sample_every_steps and self.step % cfg.logging.sample_every_steps != 0:
+        sampled = self.run_dir / "samples" / f"{ckpt.tag_for(self.step)}.png"
+        if cfg.logging.sample_every_steps and not sampled.exists():
             self.sample_grid()
         self.log.close()
 
@@ -276,24 +283,28 @@ class Trainer:
                                    "optimizer.learning_rate or check the data, then resume with "
                                    "--checkpoint.resume=latest.")
 
-    def _log_interval(self, loss_sum: torch.Tensor, elapsed: float, samples: int, data_wait: float) -> None:
-        steps = self.cfg.logging.log_every_steps * self.cfg.train.grad_accum_steps
-        mean = loss_sum.clone()
-        dist.all_reduce(mean)
-        loss = mean.item() / self.dist.world_size / max(1, min(steps, self.micro_step))
+    def _log_interval(self, interval: "Interval") -> None:
+        self._check_finite(interval.nonfinite)
+        elapsed = time.perf_counter() - interval.start
+        loss_sum = interval.loss_sum.clone()
+        dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / self.dist.world_size / max(1, interval.micro_steps)
         lr = self.lr_schedule.get_last_lr()[0]
-        ips = samples * self.dist.world_size / max(elapsed, 1e-9)
-        values = {"loss": loss, "lr": lr, "images_per_s": ips,
-                  "step_time_s": elapsed / max(1, samples / self.cfg.train.micro_batch_size / self.cfg.train.grad_accum_steps),
-                  "epoch": self.epoch}
+        samples = interval.samples * self.dist.world_size
+        values = {"loss": loss, "lr": lr, "images_per_s": samples / max(elapsed, 1e-9),
+                  "step_time_s": elapsed / max(1, interval.steps), "epoch": self.epoch}
         if self.meter is not None:
-            values.update(self.meter.report(elapsed=elapsed, samples=samples, data_wait=data_wait))
+            values.update(self.meter.report(elapsed=elapsed, samples=samples, data_wait=interval.data_wait_s))
         self.log.scalars(self.step, values)
-        self.log.advance(self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}",
+        self.log.advance(self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{values['images_per_s']:.1f}",
                          step_s=f"{values['step_time_s']:.3f}")
 
     # ---- checkpoints, exports, samples ----------------------------------------------------------
-    def save(self) -> None:
+    def save(self, nonfinite: torch.Tensor) -> None:
+        """Checkpoint and export this step, unless the loss went bad or this step is saved already."""
+        self._check_finite(nonfinite)
+        if (self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMMIT_MARKER).exists():
+            return
         state = {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state()}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, state,
