@@ -27,10 +27,10 @@ $(STAMP): setup.cfg pyproject.toml
 $(WORK)/tiny-sd/model_index.json: | $(STAMP)
 	$(BIN)/defect-ds make-tiny-model $(WORK)/tiny-sd
 
-$(WORK)/data/synthetic/shards/manifest.json: | $(STAMP)
+$(WORK)/data/synthetic/manifest.json: | $(STAMP)
 	$(BIN)/defect-ds prepare synthetic $(WORK)/data/synthetic --resolution-px 64
 
-demo: $(STAMP) $(WORK)/tiny-sd/model_index.json $(WORK)/data/synthetic/shards/manifest.json
+demo: $(STAMP) $(WORK)/tiny-sd/model_index.json $(WORK)/data/synthetic/manifest.json
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus $(NUM_PROCS) train.py --config configs/default.toml \
 	  --checkpoint.resume=latest
 	@echo "exports: runs/default/export   samples: runs/default/samples   logs: runs/default/metrics.jsonl"

@@ -72,7 +72,7 @@ class TextualInversionConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "work/data/synthetic/shards"  # folder of {train,val}-NNNNNN.tar shards
+    train_shards: str = "work/data/synthetic"  # folder of {train,val}-NNNNNN.tar shards
     split: str = "train"  # which shards of that folder to stream
     resolution_px: int = 64  # training resolution (square)
     random_crop: bool = False  # random instead of centre crop after resizing the short side
