@@ -40,13 +40,17 @@ class DefectDiffusionModel(nn.Module):
         self.text_trains = any(p.requires_grad for p in text_encoder.parameters())
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """text_embeds: precomputed encoder states (latent shards, frozen text encoder) skip the encoder."""
         device_type = noisy_latents.device.type
         autocast = (torch.autocast(device_type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
-                text = self.text_encoder(input_ids)[0]
+            if text_embeds is not None and not self.text_trains:
+                text = text_embeds
+            else:
+                with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
+                    text = self.text_encoder(input_ids)[0]
             if self.mask_gating:
                 # stays set through backward: checkpointed blocks recompute with the same mask
                 set_mask(self.unet, mask)
@@ -209,7 +213,10 @@ class Trainer:
         input_ids = self._token_ids(batch["caption"]).to(device)
         if cfg.model.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        pred = self.engine(noisy, timesteps, input_ids, mask)
+        text_embeds = batch.get("text_embeds")
+        if text_embeds is not None:
+            text_embeds = text_embeds.to(device, non_blocking=True)
+        pred = self.engine(noisy, timesteps, input_ids, mask, text_embeds)
         weights = None
         if cfg.loss.min_snr_gamma > 0:
             weights = diffusion.min_snr_weights(timesteps, self.alphas_cumprod, cfg.loss.min_snr_gamma,
