@@ -1,0 +1,143 @@
+"""One WebDataset sample: a key plus `image.png`, `mask.png`, `caption.txt` and a `json` record.
+
+Reading source files (prepare time) and sample bytes (load time) both go through the checks here, so
+a bad input fails the same way everywhere: a `BadSampleError` that names the file or sample key.
+
+    python -c "from defect_ds.data.sample import SAMPLE_FILES; print(SAMPLE_FILES)"
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# The files of one sample inside a shard, after its key: `<key>.image.png` and so on.
+SAMPLE_FILES = ("image.png", "mask.png", "caption.txt", "json")
+GOOD = "good"  # the defect type of a defect-free image; its mask is empty and it has no token
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192); more is treated as a decompression bomb
+
+
+class BadSampleError(ValueError):
+    """A source file or shard sample that cannot be used; the message names it."""
+
+
+@dataclass
+class Sample:
+    """A decoded sample, ready to encode into a shard."""
+
+    key: str  # unique within the data set; letters, digits, `_` and `-` only (no dots: WebDataset splits on them)
+    image: Image.Image  # RGB
+    mask: Image.Image  # mode L, values 0 or 255, same size as the image
+    caption: str
+    record: dict[str, Any] = field(default_factory=dict)  # category, defect_type, source, split, size, ...
+
+    def encode(self) -> dict[str, Any]:
+        """The dict `webdataset.TarWriter.write` takes: bytes per file name."""
+        check_sample(self)
+        record = dict(self.record, size=list(self.image.size))
+        return {"__key__": self.key, "image.png": png_bytes(self.image), "mask.png": png_bytes(self.mask),
+                "caption.txt": self.caption.encode("utf-8"),
+                "json": json.dumps(record, sort_keys=True).encode("utf-8")}
+
+
+def check_sample(sample: Sample) -> None:
+    where = sample.record.get("source") or sample.key
+    if not sample.key or any(c in sample.key for c in "./\\ "):
+        raise BadSampleError(f"Sample key {sample.key!r} ({where}) is invalid; use letters, digits, _ and - only.")
+    if sample.image.mode != "RGB" or sample.mask.mode != "L":
+        raise BadSampleError(f"{where}: image must be RGB and mask L, got {sample.image.mode} and "
+                             f"{sample.mask.mode}; convert them before writing.")
+    if sample.image.size != sample.mask.size:
+        raise BadSampleError(f"{where}: the mask is {sample.mask.size[0]}x{sample.mask.size[1]} but the image "
+                             f"is {sample.image.size[0]}x{sample.image.size[1]}; give a mask of the image's size.")
+    if not sample.caption.strip():
+        raise BadSampleError(f"{where}: the caption is empty; give every image a caption or a caption template.")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast to write; shards are read far more than written
+    return buf.getvalue()
+
+
+def open_image(data: bytes | str | Path, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Opens and fully decodes an image, refusing non-images, truncated files and decompression bombs."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            width, height = image.size  # read from the header, before any pixel is decoded
+            if width * height > max_pixels:
+                raise BadSampleError(f"{name} is {width}x{height} pixels, more than the limit of {max_pixels} "
+                                     f"(a decompression bomb?); shrink it or raise the limit.")
+            image.load()
+    except BadSampleError:
+        raise
+    except FileNotFoundError:
+        raise BadSampleError(f"{name} does not exist; fix the path or remove the entry.") from None
+    except UnidentifiedImageError:
+        raise BadSampleError(f"{name} is not an image file; remove it or replace it with a PNG or JPEG.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSampleError(f"{name} is refused as a decompression bomb ({e}); shrink it.") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these on truncated or corrupt data
+        raise BadSampleError(f"{name} is truncated or corrupt ({e}); re-export or remove it.") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, 16-bit and RGBA inputs become RGB; transparency is composited on black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = max(array.max(), 1.0)
+        return Image.fromarray((array * (255.0 / top)).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_binary_mask(image: Image.Image) -> Image.Image:
+    """Any mask image becomes mode L with 0 or 255: a pixel is defect where its brightness is >= 128."""
+    gray = np.asarray(image.convert("L"))
+    return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8))
+
+
+def empty_mask(size: tuple[int, int]) -> Image.Image:
+    return Image.new("L", size, 0)
+
+
+def full_mask(size: tuple[int, int]) -> Image.Image:
+    return Image.new("L", size, 255)
+
+
+def read_sample_bytes(raw: dict[str, Any], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                      ) -> tuple[Image.Image, np.ndarray, str, dict[str, Any]]:
+    """Decodes one shard sample (file name -> bytes) into RGB image, bool mask (H, W), caption, record."""
+    key = f"sample {raw.get('__key__')!r} of {raw.get('__url__', '?')}"
+    missing = [name for name in SAMPLE_FILES if name not in raw]
+    if missing:
+        raise BadSampleError(f"{key} lacks {', '.join(missing)}; re-run `defect-ds prepare` for that shard.")
+    image = to_rgb(open_image(raw["image.png"], f"{key} image.png", max_pixels))
+    mask_image = open_image(raw["mask.png"], f"{key} mask.png", max_pixels)
+    if mask_image.size != image.size:
+        raise BadSampleError(f"{key}: mask.png is {mask_image.size} but image.png is {image.size}; "
+                             "re-run `defect-ds prepare` for that shard.")
+    mask = np.asarray(mask_image.convert("L")) >= 128
+    caption = raw["caption.txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise BadSampleError(f"{key} has an empty caption.txt; re-run `defect-ds prepare` for that shard.")
+    try:
+        record = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSampleError(f"{key} has an unreadable json record ({e}).") from None
+    return image, mask, caption, record
