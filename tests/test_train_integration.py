@@ -91,7 +91,9 @@ from defect_ds.distributed import init_distributed
 from defect_ds.models import load_components
 from defect_ds.trainer import Trainer
 
-cfg = load_config(None, sys.argv[1:])
+from train import parse_args
+
+cfg = load_config(*parse_args(sys.argv[1:]))
 info = init_distributed()
 trainer = Trainer(cfg, info)
 trainer.setup()
