@@ -183,6 +183,8 @@ class LoggingConfig:
     tensorboard: bool = True  # write TensorBoard scalars under run_dir/tensorboard
     progress_bar: bool = True  # rich progress bar on rank 0
     peak_tflops: float = 0.0  # device peak for MFU; 0 looks the device up in the peak table
+    profile_at_step: int = 0  # record a torch.profiler trace starting at this step (run_dir/profile); 0: off
+    profile_steps: int = 3  # optimizer steps the profiler trace covers
 
     def validate(self) -> None:
         _require(self.log_every_steps >= 1, "logging.log_every_steps", self.log_every_steps,
@@ -191,6 +193,9 @@ class LoggingConfig:
                  "use 0 (off) or more")
         _require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "use 1 or more")
         _require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops, "use 0 or more")
+        _require(self.profile_at_step >= 0, "logging.profile_at_step", self.profile_at_step,
+                 "use 0 (off) or the first step to profile")
+        _require(self.profile_steps >= 1, "logging.profile_steps", self.profile_steps, "use 1 or more")
 
 
 @dataclass

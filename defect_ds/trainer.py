@@ -245,6 +245,7 @@ class Trainer:
                              f"per rank; lower train.micro_batch_size or add data.")
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         interval = Interval(self.dist.device)
+        profiler = self._profile(None, end)
         self.log.start(cfg.train.max_steps, self.step)
         while self.step < end:
             if self.batch_in_epoch >= per_epoch:
@@ -262,6 +263,7 @@ class Trainer:
                     self.step += 1
                     interval.steps += 1
                     self.log.advance(self.step)
+                    profiler = self._profile(profiler, end)
                     if self.step % cfg.logging.log_every_steps == 0 or self.step == end:
                         self._log_interval(interval)
                         interval = Interval(self.dist.device, interval.nonfinite)
@@ -278,6 +280,25 @@ class Trainer:
         if cfg.logging.sample_every_steps and not sampled.exists():
             self.sample_grid()
         self.log.close()
+
+    def _profile(self, profiler: torch.profiler.profile | None, end: int) -> torch.profiler.profile | None:
+        """Profiles steps profile_at_step .. +profile_steps-1: starts before the first, then writes
+        run_dir/profile/trace-rank{rank}.json (chrome://tracing, perfetto) after the last or at `end`."""
+        first, count = self.cfg.logging.profile_at_step, self.cfg.logging.profile_steps
+        if profiler is None and first and self.step == first - 1 and self.step < end:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.dist.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+            profiler.start()
+        elif profiler is not None and (self.step >= first + count - 1 or self.step >= end):
+            profiler.stop()
+            out = self.run_dir / "profile" / f"trace-rank{self.dist.rank}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(out))
+            self.log.info(f"wrote profiler trace {out} (steps {first}..{self.step})")
+            profiler = None
+        return profiler
 
     def _check_finite(self, nonfinite: torch.Tensor) -> None:
         flag = nonfinite.float()
