@@ -55,7 +55,7 @@ def time_epochs(cfg: DataConfig, batch: int, epochs: int) -> tuple[float, int]:
     return max(rates), samples
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source-px", type=int, default=512, help="side of the images in the shards")
     parser.add_argument("--resolution-px", type=int, default=512, help="training resolution")
@@ -63,8 +63,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up)")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2])
-    parser.add_argument("--out", default=f"benchmarks/results/loader-{datetime.date.today()}.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=f"benchmarks/results/loader-{datetime.date.today()}.md",
+                        help="markdown file the results are written to")
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # what one DataLoader worker gets
     load_before = os.getloadavg()[0]

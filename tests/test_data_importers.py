@@ -1,6 +1,7 @@
 """MVTec and folder importers, the split, captions and tokens, and bad inputs at prepare time."""
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -124,6 +125,48 @@ def test_folder_jsonl_caption_and_empty_caption(tmp_path):
     assert m["counts"]["train"] == {"dent": 1} and "empty caption" in m["skipped"][0]["reason"]
 
 
+def test_folder_csv_blank_caption_cell_uses_the_template(tmp_path):
+    d = _folder(tmp_path)
+    (d / "m.csv").write_text("image,mask,defect_type,caption\n"
+                             "img/a.png,img/a_mask.png,dent,dented can sks_dent\n"
+                             "img/c.png,,good,\n"  # blank cell: no caption given
+                             'img/d.png,,good,"  "\n')  # spaces: a caption given, but empty
+    out = tmp_path / "o"
+    assert main(["prepare", "folder", str(d / "m.csv"), str(out), "--no-progress", "--skip-bad",
+                 "--val-fraction", "0"]) == 0
+    m = read_manifest(out)
+    assert m["counts"]["train"] == {"dent": 1, "good": 1}
+    assert [s["key"] for s in m["skipped"]] == ["img_d"] and "empty caption" in m["skipped"][0]["reason"]
+    from defect_ds.config import DataConfig
+    from defect_ds.data.loader import build_loader
+
+    cfg = DataConfig(train_shards=str(out), resolution_px=16)
+    batch = next(iter(build_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0, epoch=0)))
+    captions = dict(zip(batch["key"], batch["caption"]))
+    assert captions == {"img_a": "dented can sks_dent", "img_c": "a photo of a object"}
+
+
+def test_skip_bad_splits_only_what_loaded(tmp_path):
+    # the inputs a split over all of them would send to val (and dent's only train pick) are unreadable
+    items = [(f"img_s{i}", "scratch") for i in range(10)] + [("img_e0", "dent"), ("img_e1", "dent")]
+    planned = assign_splits(items, val_fraction=0.3, seed=0)
+    bad = {k for k, t in items if (planned[k] == "val") == (t == "scratch")}
+    assert len(bad) == 4
+    d = tmp_path / "folder"
+    for key, defect_type in items:
+        image = png(d / f"img/{key[4:]}.png", rgb())
+        if key in bad:
+            image.write_text("not an image")
+    (d / "m.csv").write_text("image,defect_type\n" + "".join(f"img/{k[4:]}.png,{t}\n" for k, t in items))
+    out = tmp_path / "o"
+    assert main(["prepare", "folder", str(d / "m.csv"), str(out), "--no-progress", "--skip-bad",
+                 "--missing-mask", "full", "--val-fraction", "0.3"]) == 0
+    m = read_manifest(out)
+    assert {s["key"] for s in m["skipped"]} == bad
+    # stratified over the 7 + 1 that loaded: round(7 x 0.3) = 2 scratch in val, the single dent in train
+    assert m["counts"] == {"train": {"dent": 1, "scratch": 5}, "val": {"scratch": 2}}
+
+
 def _item(tmp_path, image: Path, mask: Path | None = None, defect_type="dent") -> SourceItem:
     return SourceItem("k", image, mask, "thing", defect_type)
 
@@ -151,17 +194,24 @@ def test_bad_inputs_are_named(tmp_path):
     bomb = png(tmp_path / "bomb.png", np.zeros((300, 300), np.uint8))
     with pytest.raises(BadSampleError, match="bomb.png is 300x300 pixels.*decompression bomb"):
         load_item(_item(tmp_path, bomb, None, "good"), "c", missing_mask=None, max_pixels=10_000)
-    with pytest.raises(BadSampleError, match="decompression bomb"):  # PIL's own limit, above ours
-        _pil_bomb(bomb)
+
+def test_our_pixel_limit_decides_not_pils(tmp_path, monkeypatch):
+    image = png(tmp_path / "wide.png", np.zeros((300, 300), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own limit far below ours
+    assert open_image(image, "wide.png", max_pixels=10**12).size == (300, 300)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted only while the header was read
+    with pytest.raises(BadSampleError, match="wide.png is 300x300 pixels, more than the limit of 89999"):
+        open_image(image, "wide.png", max_pixels=89_999)
 
 
-def _pil_bomb(path):
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = 1000
-    try:
-        open_image(path, "bomb.png", max_pixels=10**12)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+def test_raised_limit_admits_an_image_above_pils_default(tmp_path):
+    # 90 M pixels, just over PIL's default of ~89.5 M; one bit per pixel and one colour keep the PNG at ~11 kB
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(buf, format="PNG")
+    assert 10_000 * 9_000 > Image.MAX_IMAGE_PIXELS
+    assert open_image(buf.getvalue(), "huge.png", max_pixels=100_000_000).size == (10_000, 9_000)
+    with pytest.raises(BadSampleError, match="huge.png is 10000x9000 pixels"):
+        open_image(buf.getvalue(), "huge.png")  # the default limit, 67 M pixels, still refuses it
 
 
 def test_mask_is_binarised_and_rgba_image_becomes_rgb(tmp_path):

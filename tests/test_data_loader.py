@@ -2,7 +2,9 @@
 bad samples and shards, latent shards. All data is made here, tiny."""
 from __future__ import annotations
 
+import io
 import sys
+import tarfile
 import types
 from collections import Counter
 from pathlib import Path
@@ -163,6 +165,48 @@ def test_two_ranks_disjoint_and_equal_with_uneven_shards(tmp_path, split_by):
     assert per_rank == expected
 
 
+def keep_first_samples(shard: Path, samples: int) -> None:
+    """Rewrites a shard as a valid tar holding only its first samples: short, but no read error."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][:samples * 4]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+
+
+def _run_ranks(cfg, world_size=2) -> dict[int, str]:
+    """Each rank's whole epoch; rank -> the BadShardError it raised, or "" when it yielded every batch."""
+    outcome = {}
+    for rank in range(world_size):
+        try:
+            _, batches = collect(cfg, micro_batch_size=2, rank=rank, world_size=world_size, seed=0, epoch=0)
+        except BadShardError as e:
+            outcome[rank] = str(e)
+        else:
+            assert len(batches) == batches_per_epoch(cfg, micro_batch_size=2, world_size=world_size)
+            outcome[rank] = ""
+    return outcome
+
+
+@pytest.mark.parametrize("shuffle_buffer", [256, 3])  # 3: a rank stops before it has read all its shards
+def test_shard_counts_are_checked_against_this_ranks_shards_only(tmp_path, caplog, shuffle_buffer):
+    shards = synthetic_shards(tmp_path, max_per_shard=10)  # 10, 10, 10, 6
+    for policy in ("fail", "warn"):
+        cfg = DataConfig(train_shards=str(shards), resolution_px=16, split_by="shard", bad_sample_policy=policy,
+                         shuffle_buffer=shuffle_buffer)
+        assert _run_ranks(cfg) == {0: "", 1: ""}
+    assert "readable samples" not in caplog.text
+    victim = shards / "train-000001.tar"
+    keep_first_samples(victim, 5)
+    cfg = DataConfig(train_shards=str(shards), resolution_px=16, split_by="shard", bad_sample_policy="fail")
+    errors = [e for e in _run_ranks(cfg).values() if e]
+    assert len(errors) == 1 and f"Shard {victim} holds 5 readable samples but the manifest lists 10" in errors[0]
+    caplog.clear()
+    _run_ranks(DataConfig(**{**cfg.__dict__, "bad_sample_policy": "warn"}))
+    short = [r.getMessage() for r in caplog.records if "readable samples" in r.getMessage()]
+    assert short == [f"shard {victim} holds 5 readable samples of 10 listed in the manifest"]
+
+
 def test_split_by_shard_needs_enough_shards(synth):
     cfg = DataConfig(train_shards=str(synth), split_by="shard")
     with pytest.raises(ValueError, match="split_by=shard needs at least 2"):
@@ -186,6 +230,21 @@ def test_balance_repeats_rare_defect_types(tmp_path):
     assert len({tuple(m[0].sum(0).tolist()) for m in crack_masks}) == 2  # both flip states occur
     capped = DataConfig(train_shards=str(shards), balance="repeat", max_repeat=2)
     assert plan_epoch(capped, 1).repeat == {"crack": 2, "scratch": 1}
+
+
+def test_balance_keeps_all_copies_of_a_sample_on_one_rank(tmp_path):
+    samples = [(l_shaped_sample(i, width=32, defect_type="scratch").encode(), "scratch") for i in range(12)]
+    samples += [(l_shaped_sample(100 + i, width=32, defect_type="crack").encode(), "crack") for i in range(3)]
+    shards = write_samples(tmp_path, samples, 100)
+    cfg = DataConfig(train_shards=str(shards), resolution_px=32, balance="repeat", split_by="sample")
+    per_rank = batches_per_epoch(cfg, micro_batch_size=2, world_size=2)
+    assert per_rank == 5  # 12 + 3 x 4 copies; ranks may differ by one sample's 4 copies: (24 - 3) // 2 = 10
+    keys = []
+    for rank in range(2):
+        loader, batches = collect(cfg, micro_batch_size=2, rank=rank, world_size=2, seed=0, epoch=0)
+        assert len(batches) == per_rank and loader.num_padded == 0
+        keys.append({k for b in batches for k in b["key"]})
+    assert not keys[0] & keys[1] and any(k >= "s-100" for k in keys[0] | keys[1])
 
 
 def _with_bad_samples(tmp_path, bad: dict) -> Path:

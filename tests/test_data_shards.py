@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from defect_ds.data import MissingManifestError, read_manifest
+from defect_ds.data import prepare
 from defect_ds.data.prepare import Job, WriteOptions, write_dataset
 from defect_ds.data.sample import Sample
-from defect_ds.data.shards import ShardWriter
+from defect_ds.data.shards import ShardWriter, tar_file_bytes, tar_member_bytes
 
 
 def sample(i: int, defect_type: str = "scratch", size: int = 16) -> Sample:
@@ -33,12 +34,35 @@ def test_shards_bounded_by_count_and_named(tmp_path):
                                               "k-0003.mask.png"]
 
 
-def test_shards_bounded_by_bytes(tmp_path):
-    one = sum(len(v) for k, v in sample(0, size=32).encode().items() if not k.startswith("_"))
-    writer = ShardWriter(tmp_path, max_samples=1000, max_bytes=int(one * 2.5))
-    for i in range(5):
-        writer.write("train", sample(i, size=32).encode(), "scratch")
-    assert [s["samples"] for s in writer.close()["train"]] == [2, 2, 1]
+@pytest.mark.parametrize("max_bytes", [10240, 30000, 40960])
+def test_shards_bounded_by_bytes_with_tar_overhead(tmp_path, max_bytes):
+    # ~3 kB of payload per 32 px noise sample, plus four 512-byte headers and block padding
+    writer = ShardWriter(tmp_path, max_samples=1000, max_bytes=max_bytes)
+    encoded = [sample(i, size=32).encode() for i in range(12)]
+    for e in encoded:
+        writer.write("train", e, "scratch")
+    infos = writer.close()["train"]
+    sizes = [(tmp_path / s["name"]).stat().st_size for s in infos]
+    assert all(size <= max_bytes for size in sizes) and sum(s["samples"] for s in infos) == 12
+    first = 0  # the writer's size accounting is exact, and a shard is closed only when the next sample would not fit
+    for info, size in zip(infos, sizes):
+        members = sum(tar_member_bytes(e) for e in encoded[first:first + info["samples"]])
+        assert size == tar_file_bytes(members) == info["bytes"]
+        first += info["samples"]
+        if first < len(encoded):
+            assert tar_file_bytes(members + tar_member_bytes(encoded[first])) > max_bytes
+    assert len(infos) < 12 or max_bytes == 10240
+
+
+def test_a_sample_larger_than_the_bound_gets_its_own_shard_and_a_warning(tmp_path, caplog):
+    writer = ShardWriter(tmp_path, max_samples=1000, max_bytes=10240)
+    for i, size in enumerate([8, 64, 8, 8]):  # 64 px of noise is ~12 kB: over 10240 bytes alone
+        writer.write("train", sample(i, size=size).encode(), "scratch")
+    infos = writer.close()["train"]
+    assert [s["samples"] for s in infos] == [1, 1, 2] and infos[1]["bytes"] > 10240
+    assert [r.getMessage().split()[1] for r in caplog.records if "alone" in r.getMessage()] == ["k-0001"]
+    with pytest.raises(ValueError, match="max_bytes=9909 are invalid; use at least 1 sample and 10240 bytes"):
+        ShardWriter(tmp_path, max_bytes=9909)
 
 
 def test_manifest_counts_per_split_and_type(tmp_path):
@@ -52,22 +76,40 @@ def test_manifest_counts_per_split_and_type(tmp_path):
     assert all((tmp_path / s["name"]).stat().st_size == s["bytes"] for s in m["shards"]["train"])
 
 
-def test_interrupted_write_leaves_no_complete_looking_shard_and_no_manifest(tmp_path):
-    def boom():
-        raise KeyboardInterrupt  # the user pressed Ctrl-C while sample 6 was being read
+def test_interrupted_write_leaves_no_complete_looking_shard_and_no_manifest(tmp_path, monkeypatch):
+    jobs = [Job(f"k-{i:04d}", "scratch", "test", lambda i=i: sample(i)) for i in range(10)]
+    options = WriteOptions(val_fraction=0, max_samples_per_shard=4, progress=False)
+    real_with_split = prepare._with_split
+    calls = []
 
-    jobs = [Job(f"k-{i:04d}", "scratch", "test", (lambda i=i: sample(i)) if i != 6 else boom) for i in range(10)]
+    def interrupted(encoded, split):
+        calls.append(encoded["__key__"])
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while sample 6 was being written
+        return real_with_split(encoded, split)
+
+    monkeypatch.setattr(prepare, "_with_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_dataset(jobs, tmp_path, WriteOptions(val_fraction=0, max_samples_per_shard=4, progress=False),
-                      defect_tokens={})
+        write_dataset(jobs, tmp_path, options, defect_tokens={})
     assert not (tmp_path / "manifest.json").exists()
     tars = sorted(p.name for p in tmp_path.glob("*.tar"))
     assert tars == ["train-000000.tar"]  # the finished shard; the one being written is gone
     with tarfile.open(tmp_path / tars[0]) as tar:
         assert len(tar.getnames()) == 4 * 4
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*"))  # nor the spool
     with pytest.raises(MissingManifestError, match="run `defect-ds prepare synthetic"):
         read_manifest(tmp_path)
+
+
+def test_interrupt_while_reading_inputs_writes_nothing(tmp_path):
+    def boom():
+        raise KeyboardInterrupt  # Ctrl-C while sample 6 was being read, before anything is written
+
+    jobs = [Job(f"k-{i:04d}", "scratch", "test", (lambda i=i: sample(i)) if i != 6 else boom) for i in range(10)]
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(jobs, tmp_path, WriteOptions(val_fraction=0, max_samples_per_shard=4, progress=False),
+                      defect_tokens={})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_shard_in_progress_has_a_temporary_name(tmp_path):

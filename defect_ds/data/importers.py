@@ -68,14 +68,17 @@ def folder_items(manifest_path: str | Path, default_category: str = "object") ->
     """Rows of a CSV (header: image, defect_type[, mask, caption, category, key]) or JSONL manifest.
 
     Paths are relative to the manifest's folder. `defect_type` "good" marks a defect-free image. An empty
-    mask cell means "no mask" (see `load_item`); a caption that is present but empty is a bad input.
+    mask cell means "no mask" (see `load_item`). An empty caption cell of a CSV, like a missing or null
+    JSONL caption, means "no caption given: use the template"; a caption that is given but blank (JSONL
+    `""`, or spaces in either format) is a bad input.
     """
     path = Path(manifest_path)
     if not path.is_file():
         raise FileNotFoundError(f"Folder manifest {path} does not exist; give a .csv or .jsonl file.")
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            # a CSV cannot tell an empty cell from a missing one, so an empty caption cell is no caption
+            rows = [dict(row, caption=row.get("caption") or None) for row in csv.DictReader(f)]
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -142,11 +145,15 @@ def load_item(item: SourceItem, caption: str, *, missing_mask: MissingMask | Non
     return Sample(item.key, image, mask, caption.strip(), record)
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction={val_fraction} is invalid: use a value in [0, 1).")
+
+
 def assign_splits(items: list[tuple[str, str]], *, val_fraction: float, seed: int) -> dict[str, str]:
     """(key, defect_type) pairs -> {key: "train" | "val"}: per defect type, round(n x val_fraction) keys
     chosen by a seeded shuffle go to val, always leaving at least one in train. Independent of input order."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction={val_fraction} is invalid: use a value in [0, 1).")
+    check_val_fraction(val_fraction)
     by_type: dict[str, list[str]] = defaultdict(list)
     for key, defect_type in items:
         by_type[defect_type].append(key)

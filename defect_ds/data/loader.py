@@ -6,7 +6,7 @@ resumed epoch (`skip_batches=k`) yields exactly batches k, k+1, ... of an uninte
 
 1. A seeded shard order per epoch. Split by shard (rank r reads shards r, r+W, ...) when there are
    enough shards and that loses little; otherwise every rank reads all shards and keeps every W-th
-   sample (split by sample). Either way ranks see disjoint samples.
+   sample, all repeats of a sample on one rank (split by sample). Either way ranks see disjoint samples.
 2. Rare defect types repeat (balance=repeat); a seeded shuffle buffer per (seed, epoch, rank).
 3. The stream is cut to the same sample count on every rank (the minimum any rank can have, read
    from the manifest) and, if a corrupt shard made it short, padded by repeating earlier samples.
@@ -49,6 +49,9 @@ SHARD_SPLIT_MAX_LOSS = 0.1  # auto splits by shard only if that drops at most th
 
 class BadShardError(RuntimeError):
     """A shard that cannot be read, under data.bad_sample_policy=fail."""
+
+    def __str__(self) -> str:  # webdataset appends its stream and url to the args of errors it passes on
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -97,7 +100,10 @@ def plan_epoch(cfg: DataConfig, world_size: int) -> EpochPlan:
     if split_by == "auto":
         ok = per_shard_rank > 0 and shard_cap * world_size >= (1 - SHARD_SPLIT_MAX_LOSS) * total
         split_by = "shard" if ok else "sample"
-    per_rank = shard_cap if split_by == "shard" else total // world_size
+    # by sample, all copies of a sample stay on one rank, so ranks can differ by up to the largest repeat
+    # factor r; the fewest any rank gets is then ceil((total - (W - 1) r) / W), which is the line below
+    spread = (world_size - 1) * (max(repeat.values(), default=1) - 1)
+    per_rank = shard_cap if split_by == "shard" else (total - spread) // world_size
     return EpochPlan(paths, [s["samples"] for s in shards], sizes, repeat, split_by, per_rank,
                      manifest.get("kind", "images"))
 
@@ -110,9 +116,15 @@ def batches_per_epoch(cfg: DataConfig, *, micro_batch_size: int, world_size: int
 # ---- the per-rank raw stream (bytes only; identical in every worker of a rank) ----------------------
 def _tar_handler(policy: str) -> Callable[[Exception], bool]:
     def handle(exn: Exception) -> bool:
+        if isinstance(exn, BadShardError):  # ours, handed up to the handler of an outer reading level
+            raise exn
         if policy == "fail":
-            raise BadShardError(f"Cannot read a shard ({exn}); re-run `defect-ds prepare` or set "
-                                "data.bad_sample_policy=warn to skip what is unreadable.") from exn
+            # webdataset appends (stream, url) to the args of the error it hands over
+            url = next((a for a in exn.args[1:] if isinstance(a, str)), None)
+            reason = exn.args[0] if exn.args else exn
+            raise BadShardError(f"Cannot read {'shard ' + url if url else 'a shard'} ({reason}); re-run "
+                                "`defect-ds prepare` or set data.bad_sample_policy=warn to skip what is "
+                                "unreadable.") from exn
         if _worker_id() == 0:  # every worker reads the same bytes; one of them reports it
             log.warning("skipping the unreadable rest of a shard (%s); the rank is padded to full length", exn)
         return True
@@ -124,32 +136,55 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
-def _check_shard_counts(samples: Iterator[dict], expected: dict[str, int], policy: str) -> Iterator[dict]:
-    """Compares each shard's sample count with the manifest: a truncated tar can end without an error."""
-    counts = dict.fromkeys(expected, 0)
+def _check_shard_counts(samples: Iterator[dict], urls: list[str], expected: list[int], policy: str
+                        ) -> Iterator[dict]:
+    """Compares each of this rank's shards, in reading order, with its sample count in the manifest: a
+    truncated tar can end without an error. A shard is checked once it has been read to its end (the
+    next shard starts, or the stream ends), so a stream cut short after a rank has its samples never
+    makes the shard it stopped in look short."""
+    position = {url: i for i, url in enumerate(urls)}
+    counts = [0] * len(urls)
+    checked = 0  # shards before this index are read to their end and checked
     for sample in samples:
-        counts[sample.get("__url__", "?")] = counts.get(sample.get("__url__", "?"), 0) + 1
+        i = position.get(sample.get("__url__"))
+        if i is not None:
+            while checked < i:
+                _check_shard_count(urls[checked], counts[checked], expected[checked], policy)
+                checked += 1
+            counts[i] += 1
         yield sample
-    short = {url: (n, expected[url]) for url, n in counts.items() if url in expected and n < expected[url]}
-    if short and policy == "fail":
-        url, (n, want) = next(iter(short.items()))
+    for i in range(checked, len(urls)):
+        _check_shard_count(urls[i], counts[i], expected[i], policy)
+
+
+def _check_shard_count(url: str, n: int, want: int, policy: str) -> None:
+    if n >= want:
+        return
+    if policy == "fail":
         raise BadShardError(f"Shard {url} holds {n} readable samples but the manifest lists {want}; re-run "
                             "`defect-ds prepare`, or set data.bad_sample_policy=warn to skip what is unreadable.")
-    if short and _worker_id() == 0:
-        for url, (n, want) in short.items():
-            log.warning("shard %s holds %d readable samples of %d listed in the manifest", url, n, want)
+    if _worker_id() == 0:  # every worker reads the same bytes; one of them reports it
+        log.warning("shard %s holds %d readable samples of %d listed in the manifest", url, n, want)
 
 
 def _repeat_and_split(samples: Iterator[dict], repeat: dict[str, int], rank: int, world_size: int,
                       by_sample: bool) -> Iterator[dict]:
-    """Expands repeats (copy r of a sample gets `__copy__` = r) and keeps this rank's share by sample."""
-    index = 0
+    """Expands repeats (copy r of a sample gets `__copy__` = r) and keeps this rank's share by sample.
+
+    By sample, each sample goes with all its copies to the rank with the fewest copies so far (the
+    lowest rank on a tie): every rank sees the same stream, so all ranks agree on the assignment without
+    talking, and no two ranks hold copies of the same sample. Without repeats this is plain round-robin;
+    with them, ranks differ by at most the largest repeat factor (see `plan_epoch`).
+    """
+    loads = [0] * world_size
     for sample in samples:
         defect_type = _defect_type(sample)
-        for r in range(repeat.get(defect_type, 1)):
-            if not by_sample or index % world_size == rank:
+        copies = repeat.get(defect_type, 1)
+        owner = loads.index(min(loads))
+        loads[owner] += copies
+        if not by_sample or owner == rank:
+            for r in range(copies):
                 yield dict(sample, __copy__=str(r), __defect_type__=defect_type)
-            index += 1
 
 
 def _defect_type(sample: dict) -> str:
@@ -343,7 +378,7 @@ def build_loader(cfg: DataConfig, *, micro_batch_size: int, rank: int, world_siz
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=_tar_handler(cfg.bad_sample_policy)),
-        partial(_check_shard_counts, expected={str(p): n for p, n in zip(plan.shard_paths, plan.shard_samples)},
+        partial(_check_shard_counts, urls=urls, expected=[plan.shard_samples[i] for i in order],
                 policy=cfg.bad_sample_policy),
         partial(_repeat_and_split, repeat=plan.repeat, rank=rank, world_size=world_size,
                 by_sample=plan.split_by == "sample"),

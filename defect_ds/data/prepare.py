@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,30 +46,43 @@ class WriteOptions:
 
 def write_dataset(jobs: list[Job], out_dir: str | Path, options: WriteOptions, **manifest_extra: Any
                   ) -> dict[str, Any]:
-    """Splits, loads, checks and writes every job; returns the manifest (written last)."""
+    """Loads and checks every job, splits the ones that loaded, writes them; returns the manifest (written last).
+
+    Splitting after loading keeps the split stratified over what is written: with --skip-bad, splitting
+    first could send every val pick of a defect type to the skip list. Each job is decoded and encoded
+    once; the encoded samples wait in an anonymous temporary file next to the output until the split is
+    known.
+    """
     keys = [job.key for job in jobs]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"Two inputs map to the sample key {duplicate!r}; give them distinct names.")
-    splits = importers.assign_splits([(j.key, j.defect_type) for j in jobs], val_fraction=options.val_fraction,
-                                     seed=options.seed)
+    importers.check_val_fraction(options.val_fraction)  # now, not after the slow loading pass
     out = prepare_out_dir(out_dir, options.overwrite)
     writer = ShardWriter(out, max_samples=options.max_samples_per_shard, max_bytes=options.max_bytes_per_shard)
     skipped: list[dict[str, str]] = []
     written: list[dict[str, str]] = []
     try:
-        for job in _progress(jobs, options.progress, f"writing {out}"):
-            try:
-                sample = job.load()
-            except BadSampleError as e:
-                if not options.skip_bad:
-                    raise BadSampleError(f"{e} (pass --skip-bad to skip bad inputs and count them)") from None
-                skipped.append({"key": job.key, "source": job.source, "reason": str(e)})
-                continue
-            split = splits[job.key]
-            sample.record["split"] = split
-            writer.write(split, sample.encode(), job.defect_type)
-            written.append({"key": job.key, "defect_type": job.defect_type, "split": split, "source": job.source})
+        with tempfile.TemporaryFile(dir=out) as spool:  # no name: nothing is left behind if interrupted
+            loaded: list[Job] = []
+            for job in _progress(jobs, options.progress, f"reading {len(jobs)} inputs"):
+                try:
+                    encoded = job.load().encode()
+                except BadSampleError as e:
+                    if not options.skip_bad:
+                        raise BadSampleError(f"{e} (pass --skip-bad to skip bad inputs and count them)") from None
+                    skipped.append({"key": job.key, "source": job.source, "reason": str(e)})
+                    continue
+                pickle.dump(encoded, spool, protocol=pickle.HIGHEST_PROTOCOL)  # our own bytes, read back below
+                loaded.append(job)
+            splits = importers.assign_splits([(j.key, j.defect_type) for j in loaded],
+                                             val_fraction=options.val_fraction, seed=options.seed)
+            spool.seek(0)
+            for job in _progress(loaded, options.progress, f"writing {out}"):
+                split = splits[job.key]
+                writer.write(split, _with_split(pickle.load(spool), split), job.defect_type)
+                written.append({"key": job.key, "defect_type": job.defect_type, "split": split,
+                                "source": job.source})
         shards = writer.close()
     except BaseException:
         writer.abort()  # the interrupted shard disappears; finished ones stay, and no manifest says "done"
@@ -81,6 +96,13 @@ def write_dataset(jobs: list[Job], out_dir: str | Path, options: WriteOptions, *
                               skipped=skipped, **manifest_extra)
     write_manifest(out, manifest)
     return manifest
+
+
+def _with_split(encoded: dict[str, Any], split: str) -> dict[str, Any]:
+    """The encoded sample with `split` added to its json record (known only after every input loaded)."""
+    record = json.loads(encoded["json"])
+    record["split"] = split
+    return dict(encoded, json=json.dumps(record, sort_keys=True).encode("utf-8"))
 
 
 def _progress(items: list, enabled: bool, description: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,25 +70,42 @@ def open_image(data: bytes | str | Path, name: str, max_pixels: int = DEFAULT_MA
     """Opens and fully decodes an image, refusing non-images, truncated files and decompression bombs."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            width, height = image.size  # read from the header, before any pixel is decoded
-            if width * height > max_pixels:
-                raise BadSampleError(f"{name} is {width}x{height} pixels, more than the limit of {max_pixels} "
-                                     f"(a decompression bomb?); shrink it or raise the limit.")
-            image.load()
+        image = _open_header(source)
+        width, height = image.size  # read from the header, before any pixel is decoded
+        if width * height > max_pixels:
+            image.close()
+            raise BadSampleError(f"{name} is {width}x{height} pixels, more than the limit of {max_pixels} "
+                                 f"(a decompression bomb?); shrink it or raise the limit.")
+        image.load()
     except BadSampleError:
         raise
     except FileNotFoundError:
         raise BadSampleError(f"{name} does not exist; fix the path or remove the entry.") from None
     except UnidentifiedImageError:
         raise BadSampleError(f"{name} is not an image file; remove it or replace it with a PNG or JPEG.") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSampleError(f"{name} is refused as a decompression bomb ({e}); shrink it.") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these on truncated or corrupt data
         raise BadSampleError(f"{name} is truncated or corrupt ({e}); re-export or remove it.") from None
     return image
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(source: io.BytesIO | str | Path) -> Image.Image:
+    """`Image.open` (header only) with PIL's own pixel limit lifted, so `max_pixels` alone decides.
+
+    PIL checks its process-wide `Image.MAX_IMAGE_PIXELS` (about 89 M pixels) inside `Image.open`, which
+    would refuse images a raised `max_pixels` admits. Parsing a header allocates no pixels and the caller
+    checks the size before `load()`, so the limit is lifted only around this call and restored at once;
+    the lock keeps two threads of ours from restoring each other's value.
+    """
+    with _PIL_LIMIT_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

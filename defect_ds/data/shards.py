@@ -9,13 +9,16 @@ last, also by rename. So a folder with a manifest is complete, and an interrupte
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+log = logging.getLogger("defect_ds.data")
 MANIFEST = "manifest.json"
 FORMAT = "defect-ds-shards/1"
 SPLITS = ("train", "val")
@@ -29,13 +32,34 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def tar_member_bytes(encoded: dict[str, Any]) -> int:
+    """Bytes the files of one sample take inside a tar: a header per file (more for a long name) and the
+    content padded to whole 512-byte blocks, as `webdataset.TarWriter` writes them."""
+    total = 0
+    for name, value in encoded.items():
+        if name.startswith("_"):  # metadata such as __key__, which TarWriter does not store
+            continue
+        info = tarfile.TarInfo(f"{encoded['__key__']}.{name}")
+        info.size = len(value)
+        total += len(info.tobuf(tarfile.DEFAULT_FORMAT, "utf-8", "surrogateescape"))
+        total += -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return total
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """Size of a tar file holding `member_bytes` of members: two zero blocks end the archive, and
+    `tarfile` pads the file to whole 10240-byte records, so no shard is smaller than 10 KiB."""
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes encoded samples into bounded shards per split; `close()` returns the shard list."""
 
     def __init__(self, out_dir: str | Path, *, max_samples: int = 1000, max_bytes: int = 256 << 20):
-        if max_samples < 1 or max_bytes < 1:
-            raise ValueError(f"Shard bounds max_samples={max_samples}, max_bytes={max_bytes} are invalid; "
-                             "use positive numbers.")
+        if max_samples < 1 or max_bytes < tarfile.RECORDSIZE:
+            raise ValueError(f"Shard bounds max_samples={max_samples}, max_bytes={max_bytes} are invalid; use at "
+                             f"least 1 sample and {tarfile.RECORDSIZE} bytes (--shard-max-mb 0.01), the smallest "
+                             "tar file.")
         self.out_dir = Path(out_dir)
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -44,11 +68,14 @@ class ShardWriter:
     def write(self, split: str, encoded: dict[str, Any], defect_type: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"Split {split!r} is invalid; use train or val.")
-        size = sum(len(v) for k, v in encoded.items() if not k.startswith("__"))
+        size = tar_member_bytes(encoded)
+        if tar_file_bytes(size) > self.max_bytes:
+            log.warning("sample %s alone makes a %d-byte shard, more than the bound of %d bytes; it gets a shard "
+                        "of its own", encoded.get("__key__"), tar_file_bytes(size), self.max_bytes)
         current = self._open.get(split)
         if current is not None:
             info = current[3]
-            if info["samples"] >= self.max_samples or info["bytes"] + size > self.max_bytes:
+            if info["samples"] >= self.max_samples or tar_file_bytes(info["bytes"] + size) > self.max_bytes:
                 self._finish(split)
                 current = None
         if current is None:
@@ -70,7 +97,7 @@ class ShardWriter:
         os.fsync(stream.fileno())
         stream.close()
         os.replace(tmp, self.out_dir / info["name"])
-        info["bytes"] = (self.out_dir / info["name"]).stat().st_size
+        info["bytes"] = (self.out_dir / info["name"]).stat().st_size  # from here on the file size
         info["counts"] = dict(sorted(info["counts"].items()))
         self.shards[split].append(info)
 
