@@ -1,6 +1,7 @@
 """Fine-tunes Stable Diffusion on labelled defects: masked LoRA + textual inversion, DeepSpeed.
 
     deepspeed --num_gpus 2 train.py --config configs/default.toml --train.max_steps=100
+    deepspeed --num_gpus 2 train.py --config configs/default.toml --resume latest   # continue a run
     python train.py --config configs/default.toml          # one process
     torchrun --nproc_per_node 2 train.py --config configs/default.toml
 """
@@ -16,8 +17,12 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=(
         "Any setting can be overridden as --section.field=value, e.g. --train.max_steps=10."))
     parser.add_argument("--config", help="TOML or JSON run config (defaults apply where it is silent)")
+    parser.add_argument("--resume", metavar="TAG", help="continue from a committed checkpoint: latest or "
+                        "step-NNNNNNN (the same as --checkpoint.resume=TAG)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the launcher
     args, overrides = parser.parse_known_args(argv)
+    if args.resume is not None:
+        overrides.append(f"--checkpoint.resume={args.resume}")  # last: it wins over an earlier override
     return args.config, overrides
 
 
@@ -28,15 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    from defect_ds.data.loader import BadShardError
+    from defect_ds.data.sample import BadSampleError
     from defect_ds.distributed import init_distributed
     from defect_ds.trainer import Trainer, TrainingDiverged
 
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, dist_info)
     try:
         trainer.setup()
         trainer.train()
-    except (ConfigError, FileNotFoundError, TrainingDiverged) as e:
+    except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError) as e:
+        # one rank's error ends this process; the launcher then stops the others, and a rank on
+        # another node waiting in a collective gives up after train.collective_timeout_s
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -45,6 +45,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: [
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"])
     mask_gating: bool = True  # gate adapter updates on spatial tokens by the defect mask
+    # How the mask reaches each attention layer's token grid: nearest samples one pixel per token;
+    # max marks a token when any pixel of its patch is defect, so thin scratches survive coarse grids.
+    mask_resize: Literal["nearest", "max"] = "nearest"
 
     def validate(self) -> None:
         _require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
@@ -150,6 +153,8 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine settings (ZeRO stage, offload)
     global_batch_size: int = 0  # if set, must equal micro batch x accumulation x world size
     stop_at_step: int = 0  # end this launch at this step (checkpointed) to fit a time limit; 0: off
+    # a collective that waits longer than this fails the run (a rank that died, a node that hangs)
+    collective_timeout_s: int = 1800
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
@@ -158,6 +163,8 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
                  "use 1 or more")
         _require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
+        _require(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
+                 "use 10 seconds or more, such as 1800")
         _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
                  "use 0 (derived) or micro batch x accumulation x world size")
 

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from defect_ds.config import LossConfig
+from defect_ds.masking import resize_mask
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -57,8 +57,9 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
 
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """The pixel mask resized (nearest) to the latent grid, still exactly 0/1."""
-    return F.interpolate(mask.float(), size=latent_hw, mode="nearest")
+    """The pixel mask at the latent grid, still exactly 0/1: a latent pixel is defect when any pixel
+    of its 8x8 patch is, so a scratch thinner than a patch still weighs as defect in the loss."""
+    return resize_mask(mask, latent_hw, "max")
 
 
 def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,

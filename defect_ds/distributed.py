@@ -37,8 +37,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU)."""
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU); a collective
+    that waits longer than `timeout_s` raises instead of hanging."""
+    import datetime
+
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -54,7 +57,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
 
 
@@ -78,6 +82,9 @@ def build_ds_config(path: str | Path, train: TrainConfig, optim: OptimizerConfig
             raise ConfigError(f"{path} sets {key}={ds[key]} but the run config gives {value} (micro batch x "
                               f"accumulation x world size); remove {key} from {path}, the trainer injects it.")
     ds.update(wanted)
+    if "gradient_clipping" in ds and ds["gradient_clipping"] != optim.grad_clip:
+        raise ConfigError(f"{path} sets gradient_clipping={ds['gradient_clipping']} but optimizer.grad_clip is "
+                          f"{optim.grad_clip}; remove gradient_clipping from {path} and set optimizer.grad_clip.")
     ds["gradient_clipping"] = optim.grad_clip
     for key in ("optimizer", "scheduler", "fp16", "bf16"):
         if key in ds:

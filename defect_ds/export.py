@@ -83,8 +83,10 @@ def find_export(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} holds no export ({META_FILE}); train first or pass an export folder.")
 
 
-def load_export(pipe, export_dir: str | Path, mask_gating: bool = True) -> dict:
-    """Loads LoRA (or full UNet), learned tokens and mask gating into a diffusers SD pipeline."""
+def load_export(pipe, export_dir: str | Path, mask_gating: bool = True, mask_resize: str | None = None) -> dict:
+    """Loads LoRA (or full UNet), learned tokens and mask gating into a diffusers SD pipeline.
+
+    mask_resize: how the gate resizes masks; None takes the one the run trained with."""
     from diffusers import UNet2DConditionModel
 
     from defect_ds.masking import enable_mask_gating
@@ -96,7 +98,7 @@ def load_export(pipe, export_dir: str | Path, mask_gating: bool = True) -> dict:
     if (export_dir / LORA_FILE).is_file():
         pipe.load_lora_weights(export_dir)
         if mask_gating and meta.get("mask_gating", True):
-            enable_mask_gating(pipe.unet)
+            enable_mask_gating(pipe.unet, mask_resize or meta.get("mask_resize", "nearest"))
     embed_files = sorted((export_dir / EMBEDS_DIR).glob("*.safetensors"))
     if embed_files:
         pipe.load_textual_inversion([str(p) for p in embed_files])

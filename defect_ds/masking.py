@@ -1,8 +1,11 @@
 """Mask conditioning by masked LoRA: adapter updates on spatial tokens are gated by the defect mask.
 
 Every LoRA adapter that acts on spatial features (self-attention q/k/v/out, cross-attention q/out,
-feed-forward and projection layers) has its update multiplied by the segmentation mask, resized
-with nearest-neighbour sampling to that layer's own token grid (8x8, 4x4, ... for a 64x64 latent).
+feed-forward and projection layers) has its update multiplied by the segmentation mask, resized to
+that layer's own token grid (8x8, 4x4, ... for a 64x64 latent) and still exactly 0/1. Two resizes:
+`nearest` samples one pixel per token; `max` marks a token as defect when any pixel of its patch
+is, so a scratch thinner than a token's patch is never dropped (nearest keeps a 1 px scratch only
+where it happens to cross the sampled pixel).
 Cross-attention keys and values act on text tokens, which have no position, and are not gated.
 So the fine-tuned behaviour lives only inside the mask and the frozen base model paints the rest.
 
@@ -26,10 +29,30 @@ from torch import nn
 _TEXT_INPUT_SUFFIXES = ("attn2.to_k", "attn2.to_v", "add_k_proj", "add_v_proj")
 
 
+RESIZE_MODES = ("nearest", "max")
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """A (B, 1, H, W) 0/1 mask resized to `size`, still exactly 0/1.
+
+    nearest: one sampled pixel per output cell; max: 1 where any pixel of the cell's patch is 1
+    (on upsampling both are nearest).
+    """
+    mask = mask.float()
+    if mode == "max" and (size[0] < mask.shape[-2] or size[1] < mask.shape[-1]):
+        return F.adaptive_max_pool2d(mask, size)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"Unknown mask resize {mode!r}: use one of {', '.join(RESIZE_MODES)}.")
+    return F.interpolate(mask, size=size, mode="nearest")
+
+
 class MaskGate:
     """Holds the current mask and gates the outputs of the hooked LoRA up-projections."""
 
-    def __init__(self) -> None:
+    def __init__(self, resize: str = "nearest") -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"Unknown mask resize {resize!r}: use one of {', '.join(RESIZE_MODES)}.")
+        self.resize = resize
         self.mask: torch.Tensor | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.gated_layers: list[str] = []
@@ -52,7 +75,7 @@ class MaskGate:
                 h, w = output.shape[-2:]
             else:  # linear adapter on tokens: (B, h*w, C)
                 h, w = grid_for_tokens(mask.shape[-2:], output.shape[1])
-            gate = F.interpolate(mask.float(), size=(h, w), mode="nearest").to(output.dtype)
+            gate = resize_mask(mask, (h, w), self.resize).to(output.dtype)
             batch = output.shape[0]
             if batch != gate.shape[0]:
                 if batch % gate.shape[0]:
@@ -86,14 +109,16 @@ def is_spatial_adapter(module_name: str) -> bool:
     return not any(module_name.endswith(s) for s in _TEXT_INPUT_SUFFIXES)
 
 
-def enable_mask_gating(unet: nn.Module) -> MaskGate:
-    """Hooks every spatial LoRA layer of `unet`; returns the gate (also kept as `unet.mask_gate`)."""
+def enable_mask_gating(unet: nn.Module, resize: str = "nearest") -> MaskGate:
+    """Hooks every spatial LoRA layer of `unet`; returns the gate (also kept as `unet.mask_gate`).
+
+    resize: how the mask reaches each layer's grid, `nearest` or `max` (see `resize_mask`)."""
     from peft.tuners.lora import LoraLayer
 
     old = getattr(unet, "mask_gate", None)
     if isinstance(old, MaskGate):
         old.remove()
-    gate = MaskGate()
+    gate = MaskGate(resize)
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         g = gate.gate_for(output)

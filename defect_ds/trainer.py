@@ -90,6 +90,7 @@ class Trainer:
         self.micro_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.data_counts = [0, 0]  # this rank's bad samples replaced, samples padded, over the run
 
     # ---- building -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -130,7 +131,7 @@ class Trainer:
         self.vae.to(device).eval()
         mask_gating = cfg.model.unet_mode == "lora" and cfg.lora.mask_gating
         if mask_gating:
-            enable_mask_gating(unet)
+            enable_mask_gating(unet, cfg.lora.mask_resize)
         model = DefectDiffusionModel(unet, text_encoder, mask_gating,
                                      self.dtype if self.dtype != torch.float32 else None)
         optimizer = self._optimizer([p for p in unet.parameters() if p.requires_grad],
@@ -170,8 +171,21 @@ class Trainer:
         return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=self.cfg.train.max_steps)
 
+    def _from_rank0(self, value):
+        """Rank 0's value on every rank: decisions read from files must agree across ranks, also when
+        nodes do not share a filesystem (a rank that decided alone could wait forever in a collective)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _maybe_resume(self) -> None:
-        tag = ckpt.find_resume_tag(self.ckpt_dir, self.cfg.checkpoint.resume)
+        try:
+            found = (ckpt.find_resume_tag(self.ckpt_dir, self.cfg.checkpoint.resume), None)
+        except FileNotFoundError as e:
+            found = (None, str(e))
+        tag, error = self._from_rank0(found)
+        if error:
+            raise FileNotFoundError(error)
         if tag is None:
             if self.cfg.checkpoint.resume:
                 self.log.info("checkpoint.resume=latest: no committed checkpoint yet, starting fresh")
@@ -179,6 +193,7 @@ class Trainer:
         state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
         self.step, self.micro_step = state["step"], state["micro_step"]
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.data_counts = list(state.get("data_counts", [0, 0]))
         ckpt.set_rng_state(state["rng"])
         self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
@@ -253,9 +268,11 @@ class Trainer:
             loader = build_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
                                   rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed,
                                   epoch=self.epoch, skip_batches=self.batch_in_epoch)
+            counts_before = list(self.data_counts)
             fetch_start = time.perf_counter()
             for batch in loader:
                 interval.data_wait_s += time.perf_counter() - fetch_start
+                self.data_counts = [counts_before[0] + loader.num_replaced, counts_before[1] + loader.num_padded]
                 interval.add(self.forward_backward(batch), len(batch["caption"]))
                 self.micro_step += 1
                 self.batch_in_epoch += 1
@@ -277,7 +294,7 @@ class Trainer:
         self.save(interval.nonfinite)  # no-op when this step is already checkpointed
         self.export(self.run_dir / "export")
         sampled = self.run_dir / "samples" / f"{ckpt.tag_for(self.step)}.png"
-        if cfg.logging.sample_every_steps and not sampled.exists():
+        if cfg.logging.sample_every_steps and not self._from_rank0(sampled.exists()):
             self.sample_grid()
         self.log.close()
 
@@ -300,16 +317,26 @@ class Trainer:
             profiler = None
         return profiler
 
-    def _check_finite(self, nonfinite: torch.Tensor) -> None:
+    def _check_finite(self, nonfinite: torch.Tensor, what: str = "loss") -> None:
         flag = nonfinite.float()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a host sync: only at log and save steps
         if flag.item() > 0:
             done = ckpt.committed_checkpoints(self.ckpt_dir)
             kept = f"the last good checkpoint {done[-1]} is kept" if done else "no checkpoint was written"
             self.log.close()
-            raise TrainingDiverged(f"The loss became NaN or infinite before step {self.step}; {kept}; lower "
+            raise TrainingDiverged(f"The {what} became NaN or infinite by step {self.step}; {kept}; lower "
                                    "optimizer.learning_rate or check the data, then resume with "
                                    "--checkpoint.resume=latest.")
+
+    def _weights_nonfinite(self) -> torch.Tensor:
+        """Whether any trainable weight on this rank is NaN or infinite (the update after the last
+        checked loss can still have blown up). Under ZeRO-3 each rank checks its own partition."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.dist.device)
+        for p in self.engine.module.parameters():
+            if p.requires_grad:
+                local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+                bad |= ~torch.isfinite(local).all()
+        return bad
 
     def _log_interval(self, interval: "Interval") -> None:
         self._check_finite(interval.nonfinite)
@@ -323,18 +350,25 @@ class Trainer:
                   "step_time_s": elapsed / max(1, interval.steps), "epoch": self.epoch}
         if self.meter is not None:
             values.update(self.meter.report(elapsed=elapsed, samples=samples, data_wait=interval.data_wait_s))
+        counts = torch.tensor(self.data_counts, dtype=torch.int64, device=self.dist.device)
+        dist.all_reduce(counts)  # all ranks, over the run; bad samples are also warned about as they come
+        bad_replaced, padded = counts.tolist()
+        values.update(data_bad_replaced=bad_replaced, data_padded=padded)
         self.log.scalars(self.step, values)
         self.log.advance(self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{values['images_per_s']:.1f}",
                          step_s=f"{values['step_time_s']:.3f}")
 
     # ---- checkpoints, exports, samples ----------------------------------------------------------
     def save(self, nonfinite: torch.Tensor) -> None:
-        """Checkpoint and export this step, unless the loss went bad or this step is saved already."""
+        """Checkpoint and export this step, unless the loss or the weights went bad or this step is
+        saved already."""
         self._check_finite(nonfinite)
-        if (self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMMIT_MARKER).exists():
+        self._check_finite(self._weights_nonfinite(), "trained weights")
+        if self._from_rank0((self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMMIT_MARKER).exists()):
             return
         state = {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state()}
+                 "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state(),
+                 "data_counts": list(self.data_counts)}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, state,
                                     self.cfg.checkpoint.keep_last, self.dist.is_main)
         self.export(self.run_dir / "exports" / path.name)
@@ -352,6 +386,7 @@ class Trainer:
                 "vectors_per_token": cfg.textual_inversion.vectors_per_token,
                 "resolution_px": cfg.data.resolution_px,
                 "mask_gating": cfg.model.unet_mode == "lora" and cfg.lora.mask_gating,
+                "mask_resize": cfg.lora.mask_resize,
                 "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                          "target_modules": cfg.lora.target_modules}}
         ckpt.export_weights(self.engine.module, out_dir, meta=meta, unet_mode=cfg.model.unet_mode,
@@ -367,9 +402,11 @@ class Trainer:
             f"a photo with {t}" for t in self.tokens] or ["a photo of a defect"]
         prompts = [expand_prompt(p, self.tokens, self.cfg.textual_inversion.vectors_per_token) for p in prompts]
         out = self.run_dir / "samples" / f"{ckpt.tag_for(self.step)}.png"
-        render_sample_grid(model.unet, model.text_encoder, self.vae, self.tokenizer, self.noise_scheduler,
-                           prompts, resolution_px=self.cfg.data.resolution_px,
-                           steps=self.cfg.logging.sample_steps, seed=self.cfg.train.seed,
-                           mask_gating=model.mask_gating, out_path=out if self.dist.is_main else None)
+        # frozen weights are stored in the compute dtype: the pipeline runs under the same autocast
+        with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            render_sample_grid(model.unet, model.text_encoder, self.vae, self.tokenizer, self.noise_scheduler,
+                               prompts, resolution_px=self.cfg.data.resolution_px,
+                               steps=self.cfg.logging.sample_steps, seed=self.cfg.train.seed,
+                               mask_gating=model.mask_gating, out_path=out if self.dist.is_main else None)
         model.unet.train()
 

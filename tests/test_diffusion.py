@@ -68,3 +68,11 @@ def test_latent_mask_stays_binary():
     small = diffusion.latent_mask(mask, (8, 8))
     assert small.shape == (1, 1, 8, 8)
     assert set(small.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_latent_mask_keeps_a_one_pixel_scratch():
+    """A scratch thinner than a latent patch still weighs as defect in the loss."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 20, 3:40] = 1  # 1 px high, off every 8th row
+    small = diffusion.latent_mask(mask, (8, 8))
+    assert small[0, 0, 2, :5].all() and small.sum() == 5

@@ -32,3 +32,22 @@ def test_global_batch_size_must_match():
     with pytest.raises(ConfigError, match="train.global_batch_size=10 contradicts"):
         build_ds_config(ROOT / "ds_configs/zero2.json", TrainConfig(micro_batch_size=4, global_batch_size=10),
                         OptimizerConfig(), 2)
+
+
+def test_ds_file_clipping_that_contradicts_the_run_config_is_an_error(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"gradient_clipping": 5.0}')
+    with pytest.raises(ConfigError, match="gradient_clipping=5.0 but optimizer.grad_clip is 1.0"):
+        build_ds_config(f, TrainConfig(), OptimizerConfig(grad_clip=1.0), 1)
+    f.write_text('{"gradient_clipping": 1.0}')
+    assert build_ds_config(f, TrainConfig(), OptimizerConfig(grad_clip=1.0), 1)["gradient_clipping"] == 1.0
+
+
+def test_train_resume_flag_is_the_checkpoint_resume_setting():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from train import parse_args
+
+    config, overrides = parse_args(["--config", "c.toml", "--checkpoint.resume=", "--resume", "latest"])
+    assert config == "c.toml" and overrides[-1] == "--checkpoint.resume=latest"

@@ -93,3 +93,35 @@ def test_mask_batch_must_divide(lora_unet):
     with pytest.raises(ValueError, match="does not divide"):
         with mask_context(lora_unet, torch.ones(3, 1, 64, 64)):
             lora_unet(x, t, text)
+
+
+def test_max_resize_keeps_a_thin_scratch_that_nearest_drops():
+    from defect_ds.masking import resize_mask
+
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 10:54, 13] = 1  # a 1 px vertical scratch, off the pixels nearest samples (multiples of 8)
+    assert resize_mask(mask, (8, 8), "nearest").sum() == 0
+    kept = resize_mask(mask, (8, 8), "max")
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+    assert kept[0, 0, 1:7, 1].all() and kept.sum() == 6  # rows 1-6 of column 1, nothing else
+    assert torch.equal(resize_mask(torch.ones(1, 1, 64, 64), (4, 4), "max"), torch.ones(1, 1, 4, 4))
+
+
+@torch.no_grad()
+def test_max_gate_opens_the_tokens_a_thin_scratch_crosses(lora_unet):
+    name = next(n for n in lora_unet.mask_gate.gated_layers if n.endswith("down_blocks.0.attentions.0"
+                                                                             ".transformer_blocks.0.attn1.to_q"))
+    layer = lora_unet.get_submodule(name)
+    tokens = torch.randn(1, 64, layer.in_features)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 10:54, 13] = 1
+    base = layer.base_layer(tokens)
+    try:
+        for resize, opened in (("nearest", 0), ("max", 6)):
+            enable_mask_gating(lora_unet, resize)
+            with mask_context(lora_unet, mask):
+                gated = layer(tokens)
+            changed = (gated[0] != base[0]).any(-1)
+            assert int(changed.sum()) == opened
+    finally:
+        enable_mask_gating(lora_unet)
