@@ -57,9 +57,21 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        _share_cpu_cores()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def _share_cpu_cores() -> None:
+    """Gives each CPU rank of this node its share of the cores. Ranks that each start one thread per
+    core oversubscribe them, and spinning thread pools then make every small op thousands of times
+    slower (measured here: a 256x32 linear took 26 us with 1 thread, 6.9 ms with 2 on 2 busy cores).
+    OMP_NUM_THREADS, when set, is left to decide."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def build_ds_config(path: str | Path, train: TrainConfig, optim: OptimizerConfig, world_size: int) -> dict:
