@@ -1,6 +1,6 @@
 """`defect-ds evaluate`: FID, KID and IS of generated against real defect images, plus mask and diversity scores.
 
-    defect-ds evaluate out/gen --real work/data/synthetic/shards --inception-weights ~/weights/inception.pth
+    defect-ds evaluate work/gen --real work/data --inception-weights work/weights-inception-2015-12-05-6726825d.pth
 
 Offline by design. torch-fidelity's Inception weights come from a local file (--inception-weights,
 $DEFECT_DS_INCEPTION_WEIGHTS, or torch hub's checkpoints folder where torch-fidelity itself would put
@@ -9,8 +9,10 @@ key made of a hash of the pixels and a hash of the weights file, so changing eit
 KID and IS come from torch-fidelity's own functions, per defect type and over all types together.
 
 Mask localisation: the share of the pixel change from the source image that lies inside the mask
-(inpainted samples). Diversity: IC-LPIPS (Ojha et al., 2021: each generated image joins the cluster of
-its nearest real image by LPIPS, then the mean pairwise LPIPS within clusters) when LPIPS weights are
+(inpainted samples), after compositing (1.0 by construction) and before it (the model's own, recorded
+by `defect-ds generate`). Diversity: IC-LPIPS (Ojha et al., 2021: each generated image joins the cluster
+of its nearest real image by LPIPS, among 10 real images of its type drawn by a seeded sample, then the
+mean pairwise LPIPS within clusters) when LPIPS weights are
 available locally (--lpips-weights); always also `masked_pixel_diversity`, the mean absolute pixel
 difference inside the masks between pairs of generated images, which is cheap and is not LPIPS.
 """
@@ -27,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from defect_ds.generation import iter_dataset, load_mask, load_rgb, mask_localisation
+from defect_ds.sample_io import iter_dataset, load_mask, load_rgb, mask_localisation
 
 ENV_INCEPTION = "DEFECT_DS_INCEPTION_WEIGHTS"
 ENV_LPIPS = "DEFECT_DS_LPIPS_WEIGHTS"
@@ -35,6 +37,7 @@ ENV_CACHE = "DEFECT_DS_FIDELITY_CACHE"
 INCEPTION_NAME = "inception-v3-compat"
 FEATURES = ["2048", "logits_unbiased"]  # FID/KID features, IS logits
 MAX_CLUSTER_MEMBERS = 100  # IC-LPIPS pairs per cluster grow quadratically
+NUM_CLUSTER_CENTRES = 10  # IC-LPIPS clusters per defect type (Ojha et al. use 10)
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -224,6 +227,17 @@ def masked_pixel_diversity(images: list[np.ndarray], masks: list[np.ndarray]) ->
     return float(np.mean(values)) if values else None
 
 
+def cluster_centres(real: list[np.ndarray], k: int = NUM_CLUSTER_CENTRES, seed: int = 0) -> list[np.ndarray]:
+    """k real images drawn by a seeded sample across the whole set, in set order.
+
+    Not the first k: a set in key order is often grouped (by category, by source file), and centres
+    from one corner of it would put every generated image in few clusters."""
+    if len(real) <= k:
+        return list(real)
+    picked = np.random.default_rng(seed).choice(len(real), size=k, replace=False)
+    return [real[i] for i in sorted(picked)]
+
+
 def ic_lpips(generated: list[np.ndarray], centres: list[np.ndarray],
              distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float | None:
     """Intra-cluster diversity: generated images join their nearest centre; mean pairwise distance per
@@ -328,7 +342,8 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
                                                              [s["mask"] for s in with_masks])
         if lpips_distance is not None:
             per_type = [ic_lpips([s["image"] for s in gen_items if s["defect_type"] == t],
-                                 [s["image"] for s in real_items if s["defect_type"] == t][:10], lpips_distance)
+                                 cluster_centres([s["image"] for s in real_items if s["defect_type"] == t]),
+                                 lpips_distance)
                         for t in selected]
             per_type = [v for v in per_type if v is not None]
             m["ic_lpips"] = float(np.mean(per_type)) if per_type else None

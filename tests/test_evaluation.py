@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 from defect_ds.cli import main
-from defect_ds.evaluation import (evaluate, ic_lpips, masked_pixel_diversity, pixel_distance,
+from defect_ds.evaluation import (cluster_centres, evaluate, ic_lpips, masked_pixel_diversity, pixel_distance,
                                   write_random_inception_weights)
-from defect_ds.generation import GenerationSettings, SampleSpec, mask_localisation, write_sample
+from defect_ds.generation import GenerationSettings, SampleSpec
+from defect_ds.generation_output import write_sample
+from defect_ds.report import markdown_report
+from defect_ds.sample_io import mask_localisation
 
 TYPES = ("scratch", "stain")
 PER_TYPE = 6
@@ -212,6 +215,34 @@ def test_ic_lpips_clusters_by_nearest_centre_and_averages_within():
     expected = (np.mean([20, 110, 90]) / 255 + 10 / 255) / 2
     assert ic_lpips(generated, centres, pixel_distance) == pytest.approx(expected, rel=1e-5)
     assert ic_lpips([flat(10), flat(250)], centres, pixel_distance) is None  # no cluster of two
+
+
+def test_cluster_centres_are_a_seeded_sample_across_the_real_set():
+    real = [np.full((4, 4, 3), v, np.uint8) for v in range(40)]
+    centres = cluster_centres(real, k=10, seed=0)
+    values = [int(c[0, 0, 0]) for c in centres]
+    assert len(set(values)) == 10 and values == sorted(values)
+    assert max(values) >= 10  # not the first 10 in key order
+    assert values == [int(c[0, 0, 0]) for c in cluster_centres(real, k=10, seed=0)]  # the same every run
+    assert cluster_centres(real[:3], k=10) == real[:3]  # fewer than k: all of them
+
+
+def test_report_md_shows_localisation_before_compositing_and_group_notes():
+    group = {"num_generated": 4, "num_real": 6, "fid": 12.5, "kid_mean": 0.1, "kid_std": 0.01, "is_mean": 1.5,
+             "is_std": 0.1, "mask_localisation": 1.0, "mask_localisation_before_composite": 0.625,
+             "ic_lpips": None, "masked_pixel_diversity": 0.2,
+             "notes": ["KID subset size lowered from 1000 to 4 (the smaller set's size)"]}
+    report = {"generated": "g", "real": "r", "per_defect_type": {"scratch": group},
+              "overall": {**group, "notes": ["FID from fewer than 2048 images per side (4) is biased upward"]},
+              "notes": ["IC-LPIPS not computed: no LPIPS weights"]}
+    md = markdown_report(report, [])
+    header = next(line for line in md.splitlines() if line.startswith("| defect type"))
+    row = next(line for line in md.splitlines() if line.startswith("| scratch"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[columns.index("mask localisation before composite ↑")] == "0.625"
+    assert "- scratch: KID subset size lowered from 1000 to 4" in md
+    assert "- overall: FID from fewer than 2048" in md and "- IC-LPIPS not computed" in md
 
 
 def test_masked_pixel_diversity_looks_inside_masks_only():

@@ -3,6 +3,7 @@ the mask bit for bit, samples land as folders and training-format shards, and ru
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def test_text2img_writes_folders_and_shards_and_resumes(trained_run, tmp_path, c
 
     out = tmp_path / "gen"
     args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--num-per-type", "2", "--steps", "2",
-            "--scheduler", "dpm++", "--batch-size", "3", "--seed", "3", "--no-progress"]
+            "--scheduler", "dpm++", "--batch-size", "3", "--seed", "3", "--shard-size", "3", "--no-progress"]
     assert main(args) == 0
     samples = _samples(out)
     assert len(samples) == 4
@@ -143,8 +144,22 @@ def test_text2img_writes_folders_and_shards_and_resumes(trained_run, tmp_path, c
     seeds = {json.loads((f / "json").read_text())["generation"]["seed"] for f in samples.values()}
     assert len(seeds) == 4
 
-    manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert manifest["defect_tokens"] == TOKENS and manifest["splits"]["train"]["num_samples"] == 4
+    # the training format: the data code's manifest reader and the trainer's loader take the shards
+    from defect_ds.config import DataConfig
+    from defect_ds.data.loader import build_loader
+    from defect_ds.data.shards import read_manifest
+
+    manifest = read_manifest(out / "shards")
+    assert manifest["defect_tokens"] == TOKENS and manifest["counts"]["train"] == {"scratch": 2, "stain": 2}
+    assert [s["samples"] for s in manifest["shards"]["train"]] == [3, 1]  # --shard-size 3
+    cfg = DataConfig(train_shards=str(out / "shards"), resolution_px=64, shuffle_buffer=4)
+    loader = build_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0, epoch=0)
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["mask"].shape == (2, 1, 64, 64)
+        assert set(batch["mask"].unique().tolist()) == {0.0, 1.0}  # a defect in every generated mask
+        assert all(TOKENS[t] in c for t, c in zip(batch["defect_type"], batch["caption"]))
     shards = sorted(str(p) for p in (out / "shards").glob("train-*.tar"))
     rows = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
     assert sorted(r["__key__"] for r in rows) == sorted(samples)
@@ -212,6 +227,8 @@ def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, 
         meta = json.loads((folder / "json").read_text())
         assert meta["category"] == "pill" and meta["defect_type"] == "scratch"
         assert meta["generation"]["token"] == "sks_scratch" and meta["generation"]["scheduler"] == "euler"
+    # only generated types get a token in the manifest: a run on these shards learns no empty token
+    assert json.loads((out / "shards" / "manifest.json").read_text())["defect_tokens"] == {"scratch": "sks_scratch"}
 
 
 def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
@@ -220,6 +237,194 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     assert "dent" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "b"), "--run", run, "--mode", "inpaint", "--no-progress"]) == 2
     assert "--sources" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "b"), "--run", run, "--masks", "dataset", "--no-progress"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "b"), "--run", run, "--mask-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "--masks files" in capsys.readouterr().err  # a mask folder that would be silently ignored
+
+    # a call that fails on its inputs leaves no generation.json that would refuse the corrected call
+    out = tmp_path / "c"
+    assert main(["generate", str(out), "--run", run, "--masks", "files", "--no-progress"]) == 2
+    assert "--mask-dir" in capsys.readouterr().err and not (out / "generation.json").exists()
+    empty_dir = tmp_path / "no-masks"
+    empty_dir.mkdir()
+    assert main(["generate", str(out), "--run", run, "--masks", "files", "--mask-dir", str(empty_dir),
+                 "--no-progress"]) == 2
+    assert str(empty_dir) in capsys.readouterr().err and not (out / "generation.json").exists()
+    assert main(["generate", str(out), "--run", run, "--num-per-type", "1", "--steps", "1", "--no-progress"]) == 0
+    # and a folder whose earlier call wrote settings but no sample is new, not a resume to refuse
+    (out / "generation.json").write_text(json.dumps({"steps": 99}))
+    shutil.rmtree(out / "samples")
+    assert main(["generate", str(out), "--run", run, "--num-per-type", "1", "--steps", "1", "--no-progress"]) == 0
+    assert json.loads((out / "generation.json").read_text())["steps"] == 1
+
+
+def test_file_masks_keep_off_centre_defects_and_skip_empty_ones(tmp_path, caplog):
+    from defect_ds.sample_io import load_mask_pool
+
+    folder = tmp_path / "masks"
+    (folder / "scratch").mkdir(parents=True)
+    wide = np.zeros((64, 256), np.uint8)
+    wide[20:40, 4:30] = 255  # near the left edge: a centre crop to 64x64 would cut all of it off
+    Image.fromarray(wide).save(folder / "scratch" / "wide.png")
+    thin = np.zeros((512, 512), np.uint8)
+    thin[100:400, 301] = 255  # one pixel wide at 512 px: nearest resizing to 64 px misses it
+    Image.fromarray(thin).save(folder / "scratch" / "thin.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "scratch" / "blank.png")
+    with caplog.at_level("WARNING"):
+        pool = load_mask_pool("files", str(folder), 64)
+    assert [Path(origin).name for _, origin, _ in pool["scratch"]] == ["thin.png", "wide.png"]
+    thin_mask, wide_mask = (m for m, _, _ in pool["scratch"])
+    assert wide_mask.shape == (64, 64) and wide_mask.sum() == 20 * 26  # the whole defect, at scale 1
+    assert thin_mask.sum() >= 300 // 8 and set(np.unique(thin_mask)) == {0, 1}
+    assert "skipped 1 mask(s)" in caplog.text and "blank.png" in caplog.text  # counted, named
+
+    only_empty = tmp_path / "empty"
+    only_empty.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(only_empty / "a.png")
+    with pytest.raises(ValueError, match="a.png"):
+        load_mask_pool("files", str(only_empty), 64)
+
+
+def _loose_export(trained_run, folder: Path, with_meta: bool) -> Path:
+    """A copy of the export's learned_embeds folder, with or without the export.json above it."""
+    shutil.copytree(trained_run["run_dir"] / "export" / "learned_embeds", folder / "learned_embeds")
+    if with_meta:
+        meta = json.loads((trained_run["run_dir"] / "export" / "export.json").read_text())
+        (folder / "export.json").write_text(json.dumps({**meta, "tokens": {"dent": "sks_scratch",
+                                                                            "smear": "sks_stain"}}))
+    return folder / "learned_embeds"
+
+
+def test_loose_embeddings_are_typed_by_export_json_or_token_prefix(trained_run, tmp_path):
+    from defect_ds.generation import resolve_embeddings
+    from safetensors.torch import save_file
+
+    # export.json beside the folder names the types, even where the token says otherwise
+    typed = resolve_embeddings([str(_loose_export(trained_run, tmp_path / "a", with_meta=True))])
+    assert {t: token for t, (token, _) in typed.items()} == {"dent": "sks_scratch", "smear": "sks_stain"}
+    # no export.json: the project's token prefix comes off ("sks_scratch" is the type "scratch")
+    folder = _loose_export(trained_run, tmp_path / "b", with_meta=False)
+    typed = resolve_embeddings([str(folder / "sks_scratch.safetensors")])
+    assert {t: token for t, (token, _) in typed.items()} == {"scratch": "sks_scratch"}
+    typed = resolve_embeddings([f"dent={folder / 'sks_stain.safetensors'}"])
+    assert {t: token for t, (token, _) in typed.items()} == {"dent": "sks_stain"}
+    # a token without the prefix and no export.json: the user must say
+    save_file({"<crack>": torch.zeros(1, 32)}, str(tmp_path / "crack.safetensors"))
+    with pytest.raises(ValueError, match="TYPE="):
+        resolve_embeddings([str(tmp_path / "crack.safetensors")])
+
+
+def test_loose_weights_are_recorded_and_a_resume_with_others_refused(trained_run, tiny_model_dir, tmp_path,
+                                                                     capsys):
+    export = trained_run["run_dir"] / "export"
+    other_lora = tmp_path / "other" / "pytorch_lora_weights.safetensors"
+    other_lora.parent.mkdir()
+    shutil.copy(export / "pytorch_lora_weights.safetensors", other_lora)
+    out = tmp_path / "gen"
+
+    def args(lora: Path) -> list[str]:
+        return ["generate", str(out), "--base-model", str(tiny_model_dir), "--lora", str(lora),
+                "--embeddings", str(export / "learned_embeds"), "--mask-resize", "max",
+                "--num-per-type", "1", "--steps", "1", "--no-progress"]
+
+    assert main(args(export / "pytorch_lora_weights.safetensors")) == 0
+    samples = _samples(out)
+    assert sorted(samples) == ["scratch-000000", "stain-000000"]  # types from export.json, not token names
+    gen = json.loads((samples["scratch-000000"] / "json").read_text())["generation"]
+    assert gen["lora"] == str((export / "pytorch_lora_weights.safetensors").resolve())
+    assert gen["embeddings"] == [f"scratch={(export / 'learned_embeds' / 'sks_scratch.safetensors').resolve()}",
+                                 f"stain={(export / 'learned_embeds' / 'sks_stain.safetensors').resolve()}"]
+    assert gen["mask_gating"] is True and gen["mask_resize"] == "max"
+    assert gen["prompt"] == "a photo of a object with a sks_scratch"
+    capsys.readouterr()
+    assert main(args(other_lora)) == 2
+    assert "lora=" in capsys.readouterr().err
+
+
+def test_plan_prefers_masks_of_the_source_category_and_hints_at_defect_types():
+    from defect_ds.generation import GenerationSettings, plan_samples
+
+    def mask(v):
+        m = np.zeros((64, 64), np.uint8)
+        m[v:v + 8, 10:30] = 1
+        return m
+
+    pool = {"scratch": [(mask(5), "a", "screw"), (mask(20), "b", "pill"), (mask(40), "c", "pill")]}
+    sources = [(_object_image(0), "s0", "pill")]
+    settings = GenerationSettings(mode="inpaint", mask_source="dataset")
+    specs = plan_samples({"scratch": "sks_scratch"}, ["scratch"], 4, settings, mask_pool=pool, sources=sources)
+    assert [s.mask_origin for s in specs] == ["b", "c", "b", "c"]  # only the pill's masks
+    assert specs[0].prompt == "a photo of a pill with a sks_scratch"
+    specs = plan_samples({"scratch": "sks_scratch"}, ["scratch"], 3, GenerationSettings(mask_source="dataset"),
+                         mask_pool=pool, sources=[])
+    assert [s.mask_origin for s in specs] == ["a", "b", "c"]  # text2img: every mask, in order
+    tokens = {"scratch": "sks_scratch", "stain": "sks_stain"}
+    with pytest.raises(ValueError, match="--defect-types"):
+        plan_samples(tokens, ["stain"], 1, settings, mask_pool=pool, sources=sources)
+    with pytest.raises(ValueError, match="TYPE=FILE"):
+        plan_samples(tokens, ["stain"], 1, settings, mask_pool=pool, sources=sources, loose_weights=True)
+
+
+def test_default_prompt_is_the_training_caption():
+    from defect_ds.data.captions import caption_for
+    from defect_ds.generation import DEFAULT_PROMPT
+
+    assert DEFAULT_PROMPT.format(category="pill", token="sks_crack", defect_type="crack") == \
+        caption_for("pill", "crack", {"crack": "sks_crack"})
+
+
+@pytest.mark.parametrize("unet_mode", ["lora", "full", "frozen"])
+def test_generate_takes_every_export_the_trainer_writes(unet_mode, tiny_model_dir, tmp_path, monkeypatch):
+    """The export is written by the trainer's own `export` method and `export_weights` (not by hand)."""
+    from types import SimpleNamespace
+
+    from defect_ds import textual_inversion
+    from defect_ds.config import RunConfig
+    from defect_ds.generation import build_pipeline
+    from defect_ds.models import add_lora, load_components, set_trainable
+    from defect_ds.trainer import Trainer
+
+    cfg = RunConfig()
+    cfg.model.pretrained_dir, cfg.model.unet_mode = str(tiny_model_dir), unet_mode
+    torch.manual_seed(0)
+    parts = load_components(cfg.model)
+    if unet_mode == "lora":
+        add_lora(parts.unet, cfg.lora)
+    textual_inversion.add_tokens(parts.tokenizer, parts.text_encoder, list(TOKENS.values()), 1, "defect")
+    set_trainable(parts.unet, parts.text_encoder, unet_mode)
+    with torch.no_grad():  # "trained" weights that differ from the base model's
+        for name, p in parts.unet.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        parts.text_encoder.get_input_embeddings().learned_vectors.normal_(0, 1)
+    trained = {n: p.detach().clone() for n, p in parts.unet.named_parameters() if p.requires_grad}
+    trainer = SimpleNamespace(cfg=cfg, step=5, defect_tokens=TOKENS, tokens=list(TOKENS.values()),
+                              engine=SimpleNamespace(module=SimpleNamespace(unet=parts.unet,
+                                                                            text_encoder=parts.text_encoder)),
+                              ds_config={"zero_optimization": {"stage": 0}}, dist=SimpleNamespace(is_main=True))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)  # one process, no group
+    run_dir = tmp_path / "run"
+    Trainer.export(trainer, run_dir / "export")
+    assert (run_dir / "export" / "unet").is_dir() == (unet_mode == "full")
+
+    pipe, tokens, info = build_pipeline(run=str(run_dir))
+    assert tokens == TOKENS and info["export_step"] == 5
+    assert info["mask_gating"] == (unet_mode == "lora")
+    # LoRA keys carry the adapter's name, "default" in training and "default_0" once loaded
+    plain = lambda name: re.sub(r"\.default(_\d+)?\.", ".", name)  # noqa: E731
+    loaded = {plain(n): p for n, p in pipe.unet.named_parameters()}
+    if unet_mode == "frozen":
+        assert not trained and not any("lora_" in n for n in loaded)
+    else:
+        assert len(trained) > 0
+        for name, value in trained.items():
+            torch.testing.assert_close(loaded[plain(name)].detach(), value)
+
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--run", str(run_dir), "--num-per-type", "1", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert sorted(_samples(out)) == ["scratch-000000", "stain-000000"]
 
 
 @pytest.mark.gpu
