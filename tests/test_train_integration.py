@@ -162,14 +162,13 @@ def test_loss_falls_when_overfitting(tiny_model_dir, tmp_path):
                     "64", "--per-defect", "1", "--good-per-category", "0", "--categories", "pill",
                     "--val-fraction", "0", "--no-progress"], check=True, env=_env(), capture_output=True)
     run = tmp_path / "overfit"
-    args = common_args(tiny_model_dir, data, run, train__max_steps=60, checkpoint__every_steps=0,
+    # the full UNet: a random-weight base leaves attention-only adapters too little to fit with
+    args = common_args(tiny_model_dir, data, run, train__max_steps=80, checkpoint__every_steps=0,
                        model__unet_mode="full", optimizer__learning_rate=2e-3, optimizer__schedule="constant",
                        train__micro_batch_size=1, logging__log_every_steps=10, data__hflip="false")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=_env(), capture_output=True,
-                            text=True, timeout=400, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    deepspeed_train(args)  # two processes, ZeRO-2
     curve = losses(run)
-    assert curve[60] < 0.5 * curve[10], curve
+    assert curve[80] < 0.5 * curve[10], curve
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, data_dir, tmp_path):
