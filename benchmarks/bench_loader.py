@@ -24,22 +24,13 @@ import torch
 import torchvision
 import webdataset
 
+from defect_ds.bench import cpu_name
 from defect_ds.config import DataConfig
 from defect_ds.data.loader import build_loader
 from defect_ds.data.prepare import WriteOptions, synthetic_jobs, write_dataset
 from defect_ds.data.synthetic import DEFECT_TYPES
 
 TOKENS = {t: f"sks_{t}" for t in DEFECT_TYPES}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_epochs(cfg: DataConfig, batch: int, epochs: int) -> tuple[float, int]:
