@@ -38,11 +38,11 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "nearest"
     nearest: one sampled pixel per output cell; max: 1 where any pixel of the cell's patch is 1
     (on upsampling both are nearest).
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"Unknown mask resize {mode!r}: use one of {', '.join(RESIZE_MODES)}.")
     mask = mask.float()
     if mode == "max" and (size[0] < mask.shape[-2] or size[1] < mask.shape[-1]):
         return F.adaptive_max_pool2d(mask, size)
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"Unknown mask resize {mode!r}: use one of {', '.join(RESIZE_MODES)}.")
     return F.interpolate(mask, size=size, mode="nearest")
 
 

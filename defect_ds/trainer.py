@@ -172,8 +172,9 @@ class Trainer:
                              num_training_steps=self.cfg.train.max_steps)
 
     def _from_rank0(self, value):
-        """Rank 0's value on every rank: decisions read from files must agree across ranks, also when
-        nodes do not share a filesystem (a rank that decided alone could wait forever in a collective)."""
+        """Rank 0's value on every rank. Decisions read from files (resume, skip a save, skip a sample
+        grid) must agree: a rank that saw the files differently, mid-write or on a slow network
+        filesystem, would take another branch and wait forever in a collective."""
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
