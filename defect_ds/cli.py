@@ -15,6 +15,8 @@ COMMANDS = [
     ("defect_ds.generation", "add_command"),
     ("defect_ds.evaluation", "add_command"),
     ("defect_ds.bench", "add_command"),
+    ("defect_ds.pretrain.cli", "add_command"),
+    ("defect_ds.downstream.cli", "add_command"),
 ]
 
 

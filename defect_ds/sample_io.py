@@ -92,7 +92,7 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
     """Samples of a data set: WebDataset shards, a generated samples/ folder, or a folder of images.
 
     Yields {"key", "image" (bytes), "mask" (bytes or None), "meta" (dict), "source" (bytes or None),
-    "kind" ("shards", "folder" or "images")}.
+    "caption" (str or None), "kind" ("shards", "folder" or "images")}.
     Plain image folders: the defect type is the image's parent folder name ("all" at the top).
     """
     import webdataset as wds
@@ -108,7 +108,9 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
         for sample in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
             meta = json.loads(sample["json"]) if "json" in sample else {}
             yield {"key": sample["__key__"], "image": sample["image.png"], "mask": sample.get("mask.png"),
-                   "meta": meta, "source": sample.get("source.png"), "kind": "shards"}
+                   "meta": meta, "source": sample.get("source.png"),
+                   "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else None,
+                   "kind": "shards"}
         return
     for folder in sorted(p.parent for p in path.glob("*/json")):
         meta = json.loads((folder / "json").read_text())
@@ -118,13 +120,14 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
                "mask": (folder / "mask.png").read_bytes() if (folder / "mask.png").is_file() else None,
                "meta": meta,
                "source": (folder / "source.png").read_bytes() if (folder / "source.png").is_file() else None,
+               "caption": (folder / "caption.txt").read_text() if (folder / "caption.txt").is_file() else None,
                "kind": "folder"}
     if any(path.glob("*/json")):
         return
     for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         defect_type = file.parent.name if file.parent != path else "all"
         yield {"key": f"{defect_type}/{file.stem}", "image": file.read_bytes(), "mask": None,
-               "meta": {"defect_type": defect_type}, "source": None, "kind": "images"}
+               "meta": {"defect_type": defect_type}, "source": None, "caption": None, "kind": "images"}
 
 
 def safe_key(text: str) -> str:

@@ -1,0 +1,101 @@
+"""downstream.json, downstream.md, a bar plot of the arms and a grid of test images with true and
+predicted masks.
+
+    python -c "from defect_ds.downstream.report import summarise; print(summarise([{'all': {'pixel_ap': 0.5}}]))"
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from defect_ds.downstream.scores import METRICS
+
+
+def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{group: {metric: {"mean", "std"}}} over seeds (std 0 for one seed; NaN metrics stay NaN)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for group in per_seed[0]:
+        out[group] = {}
+        for metric in METRICS:
+            values = np.array([s[group].get(metric, math.nan) for s in per_seed], dtype=float)
+            out[group][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    return out
+
+
+def winner(results: dict, metric: str = "pixel_ap") -> str:
+    return max(results["arms"], key=lambda a: results["arms"][a]["summary"]["all"][metric]["mean"])
+
+
+def _cell(stat: dict[str, float]) -> str:
+    return "n/a" if math.isnan(stat["mean"]) else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    arms = results["arms"]
+    lines = ["# Does it help? Segmenters trained per arm, scored on held-out real defects", "",
+             f"Settings: {json.dumps(results['settings'], sort_keys=True)}", "",
+             f"Mean ± spread (std) over {results['settings']['seeds']} seeds; test set: "
+             f"{results['test']['defect_images']} defect images, {results['test']['good_images']} good images.", "",
+             "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for arm, record in arms.items():
+        lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"]["all"][m]) for m in METRICS) + " |")
+    best = winner(results)
+    lines += ["", f"By pixel AP, the `{best}` arm won."]
+    if "real" in arms and "real+generated" in arms:
+        gain = (arms["real+generated"]["summary"]["all"]["pixel_ap"]["mean"]
+                - arms["real"]["summary"]["all"]["pixel_ap"]["mean"])
+        lines.append(f"Adding generated pairs to the real shots changed pixel AP by {gain:+.3f}.")
+    types = [g for g in next(iter(arms.values()))["summary"] if g != "all"]
+    for t in types:
+        lines += ["", f"## {t} (its test images plus every good test image)", "",
+                  "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        for arm, record in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"][t][m]) for m in METRICS) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_bar_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results["arms"])
+    x = np.arange(len(METRICS))
+    width = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, arm in enumerate(arms):
+        summary = results["arms"][arm]["summary"]["all"]
+        ax.bar(x + i * width - 0.4 + width / 2, [summary[m]["mean"] for m in METRICS], width,
+               yerr=[summary[m]["std"] for m in METRICS], capsize=3, label=arm)
+    ax.set_xticks(x, METRICS)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score on held-out real defects")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Segmenter per arm, mean and std over {results['settings']['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_prediction_grid(images: np.ndarray, masks: np.ndarray, predictions: dict[str, np.ndarray],
+                          path: Path) -> None:
+    """Rows: test images; columns: image, true mask, each arm's predicted probability."""
+    from PIL import Image, ImageDraw
+
+    size = images.shape[1]
+    columns = ["image", "true mask", *predictions]
+    label_h = 14
+    canvas = Image.new("RGB", (len(columns) * (size + 2), label_h + len(images) * (size + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(columns):
+        draw.text((c * (size + 2) + 1, 1), name[:size // 6], fill="black")
+    for r in range(len(images)):
+        tiles = [images[r], np.repeat(masks[r][..., None] * 255, 3, -1)]
+        tiles += [np.repeat((p[r] * 255).astype(np.uint8)[..., None], 3, -1) for p in predictions.values()]
+        for c, tile in enumerate(tiles):
+            canvas.paste(Image.fromarray(tile.astype(np.uint8)), (c * (size + 2), label_h + r * (size + 2)))
+    canvas.save(path)

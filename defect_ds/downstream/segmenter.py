@@ -1,0 +1,91 @@
+"""The inspector: a small discriminative U-Net (DRAEM's segmentation net, narrower) trained from scratch.
+
+    python -c "import torch; from defect_ds.downstream.segmenter import SegmentationUNet as S; print(S()(torch.zeros(1, 3, 64, 64)).shape)"
+
+Every arm trains the same net for the same steps from the same initial weights per seed; only the
+defect samples it sees differ. Half of every batch is good images with empty masks, as the
+published evaluations mix them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SegmentationUNet(nn.Module):
+    """Image (N, 3, H, W) in [-1, 1] -> defect logits (N, 1, H, W); H and W divisible by 8."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.down = nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(3)])
+        self.merge = nn.ModuleList([_block(2 * w[i], w[i]) for i in range(3)])
+        self.head = nn.Conv2d(w[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(3)):
+            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.head(x)
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Focal loss (torchvision's) plus soft Dice on the defect class."""
+    focal = sigmoid_focal_loss(logits, masks, alpha=0.25, gamma=2.0, reduction="mean")
+    probs = torch.sigmoid(logits)
+    dice = 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
+    return focal * 10 + dice
+
+
+def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+                    good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
+                    seed: int, learning_rate: float = 1e-3, on_step: Callable[[int], None] | None = None
+                    ) -> SegmentationUNet:
+    """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images."""
+    torch.manual_seed(seed)
+    net = SegmentationUNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(seed)
+    n_defect = batch_size // 2
+    net.train()
+    for step in range(steps):
+        images, masks = defect_batch(rng, n_defect)
+        goods = good_batch(rng, batch_size - n_defect)
+        x = to_tensor(np.concatenate([images, goods]))
+        y = torch.from_numpy(np.concatenate([masks, np.zeros((len(goods), *masks.shape[1:]), masks.dtype)]))
+        loss = segmentation_loss(net(x), y.float().unsqueeze(1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(step + 1)
+    return net.eval()
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def predict(net: SegmentationUNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Defect probability per pixel, float32 (N, H, W)."""
+    out = [torch.sigmoid(net(to_tensor(images[i:i + batch_size])))[:, 0] for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()

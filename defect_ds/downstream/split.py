@@ -1,0 +1,97 @@
+"""The few-shot split: per defect type, the first few images (by key) are all the generator may learn
+from; every other defect image, and a share of the good images, is the segmenter's test set.
+
+    defect-ds downstream split work/data/synthetic work/downstream --shots 4
+
+OUT/shots/ holds the shots and the training good images as training shards (for `train.py`, and the
+good images that generation inpaints into and the arms mix in); OUT/test/ holds the test set (as val-NNNNNN.tar shards);
+OUT/split.json lists the keys of each side. No key is on both sides, and the command checks it.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+from defect_ds.data.sample import GOOD
+from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
+from defect_ds.sample_io import iter_dataset
+
+SPLIT_FILE = "split.json"
+
+
+def choose(items_by_type: dict[str, list[str]], shots: int | None, test_good_fraction: float,
+           seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(shot keys, test keys) per defect type. Good images: every one not sent to the test set trains."""
+    train: dict[str, list[str]] = {}
+    test: dict[str, list[str]] = {}
+    for defect_type, keys in sorted(items_by_type.items()):
+        keys = sorted(keys)
+        if defect_type == GOOD:
+            # a stable, key-hashed choice: the same good image lands on the same side for any --shots
+            ordered = sorted(keys, key=lambda k: zlib.crc32(f"{seed}:{k}".encode()))
+            n_test = round(len(keys) * test_good_fraction)
+            test[GOOD], train[GOOD] = sorted(ordered[:n_test]), sorted(ordered[n_test:])
+            continue
+        if len(keys) < 2:
+            raise ValueError(f"Defect type {defect_type!r} has {len(keys)} image(s); the split needs at least 2 "
+                             "(one to learn from, one to test on). Add images or leave the type out.")
+        n = shots if shots is not None else max(1, len(keys) // 3)
+        if not 1 <= n < len(keys):
+            raise ValueError(f"--shots {n} leaves no test image of {defect_type!r} ({len(keys)} images); "
+                             f"use 1 to {len(keys) - 1}.")
+        train[defect_type], test[defect_type] = keys[:n], keys[n:]
+    overlap = {k for ks in train.values() for k in ks} & {k for ks in test.values() for k in ks}
+    if overlap:  # keys are unique per data set, so this guards the code above, not the input
+        raise AssertionError(f"keys on both sides of the split: {sorted(overlap)[:5]}")
+    return train, test
+
+
+def _encoded(item: dict, split: str) -> dict:
+    meta = dict(item["meta"], split=split)
+    return {"__key__": item["key"], "image.png": item["image"], "mask.png": item["mask"],
+            "caption.txt": item["caption"].encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def split_dataset(data: str | Path, out: str | Path, *, shots: int | None = None, test_good_fraction: float = 0.5,
+                  val_good: int = 2, overwrite: bool = False) -> dict:
+    """Writes OUT/shots, OUT/test and OUT/split.json; returns the split record."""
+    source_manifest = read_manifest(data)
+    if not 0 < test_good_fraction < 1:
+        raise ValueError(f"--test-good-fraction {test_good_fraction} must be between 0 and 1.")
+    items = list(iter_dataset(data))
+    if any(item["mask"] is None or item["caption"] is None for item in items):
+        raise ValueError(f"{data} has samples without mask.png or caption.txt; split training shards "
+                         "made by `defect-ds prepare`.")
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        by_type[item["meta"].get("defect_type", "unknown")].append(item["key"])
+    if GOOD not in by_type:
+        raise ValueError(f"{data} has no good images; the test set and the arms need some.")
+    train, test = choose(by_type, shots, test_good_fraction)
+    side = {k: "shots" for ks in train.values() for k in ks} | {k: "test" for ks in test.values() for k in ks}
+    val_keys = set(train[GOOD][:val_good])  # a few good images for train.py's val loss, never a shot
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {name: ShardWriter(prepare_out_dir(out / name, overwrite)) for name in ("shots", "test")}
+    try:
+        for item in items:
+            name = side[item["key"]]
+            # the test folder is one held-out set: its shards are val-NNNNNN.tar
+            split = "val" if item["key"] in val_keys or name == "test" else "train"
+            writers[name].write(split, _encoded(item, split), item["meta"].get("defect_type", "unknown"))
+        for name, writer in writers.items():
+            write_manifest(out / name, build_manifest(
+                writer.close(), created_by=f"downstream split ({name})", source={"data": str(data)},
+                defect_tokens=source_manifest["defect_tokens"],
+                caption_templates=source_manifest.get("caption_templates", {}),
+                categories=source_manifest.get("categories", [])))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    record = {"data": str(data), "shots_per_type": {t: len(k) for t, k in train.items() if t != GOOD},
+              "shots": train, "test": test, "test_good_fraction": test_good_fraction}
+    (out / SPLIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

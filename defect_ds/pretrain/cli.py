@@ -1,0 +1,249 @@
+"""`defect-ds pretrain-base`: a small Stable-Diffusion-format base trained from scratch on good images.
+
+    defect-ds pretrain-base work/data/base models/tiny-defect-base
+
+Stage 1 trains the VAE and computes its scaling factor from the data's latents; stage 2 trains the
+UNet and the text encoder on the good images and their captions only (defect images in DATA are left
+out, so a few-shot fine-tune on defects stays honest). OUT ends as a diffusers folder that
+`StableDiffusionPipeline.from_pretrained(OUT)` loads offline, with recipe.json, train_log.jsonl,
+reconstruction.json and samples.png. Interrupted runs resume from OUT/train_state/ when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defect_ds.data.sample import GOOD
+from defect_ds.pretrain import stages
+from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.sample_io import iter_dataset, load_rgb
+from defect_ds.tiny_model import SCHEDULER, make_tokenizer
+
+STATE = "train_state"
+SAMPLE_SEEDS = 4
+
+
+def load_good(data: str | Path, split: str, resolution_px: int | None) -> tuple[torch.Tensor, list[str], int]:
+    """(uint8 images N,3,H,W, captions, defect images left out) of one split of a shards folder."""
+    images, captions, left_out = [], [], 0
+    for item in iter_dataset(data, splits=(split,)):
+        if item["meta"].get("defect_type") != GOOD:
+            left_out += 1
+            continue
+        if item["caption"] is None:
+            raise ValueError(f"Sample {item['key']} in {data} has no caption.txt; pretrain-base needs "
+                             "training shards made by `defect-ds prepare`.")
+        images.append(load_rgb(item["image"], resolution_px))
+        captions.append(item["caption"])
+    if not images:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), [], left_out
+    array = np.stack(images).transpose(0, 3, 1, 2)
+    return torch.from_numpy(array.copy()), captions, left_out
+
+
+class Progress:
+    """One rich bar per stage and a JSON line per logged step in OUT/train_log.jsonl."""
+
+    def __init__(self, out: Path, enabled: bool, log_every: int = 25):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.log = open(out / "train_log.jsonl", "a")
+        self.enabled, self.log_every = enabled, log_every
+        self.bar = self.task = None
+        self.started = time.perf_counter()
+
+    def stage(self, name: str, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self.close_bar()
+        self.name = name
+        if self.enabled:
+            self.bar = Bar(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("loss {task.fields[loss]}"), console=self.console)
+            self.task = self.bar.add_task(name, total=total, completed=done, loss="-")
+            self.bar.start()
+        return self.on_step
+
+    def on_step(self, step: int, values: dict) -> None:
+        if step % self.log_every == 0 or "val_loss_ema" in values:
+            record = {"stage": self.name, "step": step, "time_s": stages.elapsed_since(self.started), **values}
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{values['loss']:.4f}")
+
+    def info(self, message: str) -> None:
+        self.console.print(message)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        self.log.close()
+
+
+def reconstruction_summary(vae, images: torch.Tensor) -> dict:
+    recon = stages.reconstruct(vae, images)
+    values = stages.psnr(recon, images)
+    return {"psnr_db_mean": round(values.mean().item(), 2), "psnr_db_min": round(values.min().item(), 2),
+            "images": len(images)}
+
+
+def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) -> None:
+    """The diffusers folder, model_index.json last (a folder holding it is complete)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    if half:
+        pipe.to(torch.float16)
+    tmp = out / "pipeline.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for part in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / part.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        part.rename(target)
+    tmp.rmdir()
+
+
+@torch.no_grad()
+def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
+    """One row per distinct caption, SAMPLE_SEEDS samples each, drawn by the saved pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from torchvision.utils import make_grid, save_image
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = sorted(set(captions))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rows = []
+    for prompt in prompts:
+        gen = torch.Generator().manual_seed(0)
+        images = pipe([prompt] * SAMPLE_SEEDS, num_inference_steps=steps, guidance_scale=3.0, generator=gen,
+                      height=size, width=size, output_type="pt").images
+        rows.append(images)
+    path = out / "samples.png"
+    save_image(make_grid(torch.cat(rows), nrow=SAMPLE_SEEDS, padding=2), path)
+    (out / "samples.json").write_text(json.dumps({"rows": prompts, "seeds_per_row": SAMPLE_SEEDS,
+                                                  "steps": steps, "guidance_scale": 3.0}, indent=2))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    recipe = BaseRecipe.from_file(args.recipe) if args.recipe else BaseRecipe()
+    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size"):
+        if getattr(args, name) is not None:
+            setattr(recipe, name, getattr(args, name))
+    recipe.validate()
+    if (out / "model_index.json").is_file() and not (out / STATE).is_dir():
+        raise FileExistsError(f"{out} already holds a finished base model; choose another folder or delete it.")
+    train_images, train_captions, left_out = load_good(args.data, "train", args.resolution_px)
+    val_images, val_captions, val_left_out = load_good(args.data, "val", args.resolution_px)
+    if len(train_images) < recipe.unet_batch_size:
+        raise ValueError(f"{args.data} has {len(train_images)} good training images; pretrain-base needs at least "
+                         f"{recipe.unet_batch_size} (make more with `defect-ds prepare synthetic --good-per-category`).")
+    if not len(val_images):
+        raise ValueError(f"{args.data} has no good images in its val split; the val loss needs some.")
+    resolution = train_images.shape[-1]
+    factor = 2 ** (len(recipe.vae_channels) - 1)
+    if resolution % (factor * 2 ** (len(recipe.unet_channels) - 1)):
+        raise ValueError(f"Images of {resolution} px do not divide into the recipe's grids; use a multiple of "
+                         f"{factor * 2 ** (len(recipe.unet_channels) - 1)} px.")
+    state_dir = out / STATE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    recipe_record = json.loads(recipe.to_json())
+    recipe_record.update(data=str(args.data), resolution_px=resolution)
+    saved = state_dir / "recipe.json"
+    if saved.is_file() and json.loads(saved.read_text()) != recipe_record:
+        raise ValueError(f"{out} holds an unfinished run with another recipe ({saved}); resume with the same "
+                         "settings, or choose another OUT.")
+    saved.write_text(json.dumps(recipe_record, indent=2, sort_keys=True))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = Progress(out, enabled=not args.no_progress)
+    progress.info(f"pretrain-base: {len(train_images)} good train images, {len(val_images)} val, {resolution} px; "
+                  f"{left_out + val_left_out} defect images left out")
+
+    vae_dir = state_dir / "vae"
+    if (vae_dir / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    else:
+        vae = stages.train_vae(train_images, recipe, state_dir / "vae.pt",
+                               progress.stage("vae", recipe.vae_steps, _done(state_dir / "vae.pt")))
+        mean, std = stages.encode(vae, train_images)
+        # the UNet expects unit-variance latents; SD's 0.18215 fits SD's VAE only
+        vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))
+        vae.save_pretrained(vae_dir)
+    vae.eval()
+    progress.close_bar()
+    recon = {"train": reconstruction_summary(vae, train_images), "val": reconstruction_summary(vae, val_images),
+             "scaling_factor": vae.config.scaling_factor}
+    (out / "reconstruction.json").write_text(json.dumps(recon, indent=2))
+    progress.info(f"vae: val PSNR {recon['val']['psnr_db_mean']} dB, scaling factor {vae.config.scaling_factor}")
+
+    from diffusers import DDPMScheduler
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(recipe.seed + 1)
+    unet = stages.build_unet(recipe, resolution // factor, recipe.vae_latent_channels)
+    text_encoder = stages.build_text_encoder(recipe, tokenizer)
+    scheduler = DDPMScheduler(**SCHEDULER)
+    sf = vae.config.scaling_factor
+    train_set = stages.LatentSet(vae, train_images, stages.token_ids(tokenizer, train_captions), sf)
+    val_set = stages.LatentSet(vae, val_images, stages.token_ids(tokenizer, val_captions), sf)
+    empty = stages.token_ids(tokenizer, [""])[0]
+    unet, text_encoder = stages.train_unet(
+        train_set, val_set, empty, unet, text_encoder, scheduler, recipe, state_dir / "unet.pt",
+        progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))
+    progress.close_bar()
+    write_pipeline(out, vae, text_encoder, tokenizer, unet, half=not args.fp32)
+    (out / "recipe.json").write_text(saved.read_text())
+    grid = write_sample_grid(out, train_captions, steps=args.sample_steps)
+    progress.info(f"wrote {out} (sample grid {grid})")
+    progress.close()
+    if not args.keep_state:
+        shutil.rmtree(state_dir)
+    return 0
+
+
+def _done(state_path: Path) -> int:
+    state = stages.load_state(state_path)
+    return int(state["step"]) if state else 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain-base", help="train a small SD-format base model from scratch on good images",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("data", help="training shards (`defect-ds prepare`); only its good images are used")
+    p.add_argument("out", help="output folder: a diffusers Stable Diffusion folder when done")
+    p.add_argument("--recipe", help="recipe JSON (fields of defect_ds.pretrain.recipe.BaseRecipe)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--vae-batch-size", type=int)
+    p.add_argument("--unet-batch-size", type=int)
+    p.add_argument("--resolution-px", type=int, default=None, help="resize images to this side (default: as stored)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16, half the size)")
+    p.add_argument("--sample-steps", type=int, default=30, help="denoising steps of the sample grid")
+    p.add_argument("--keep-state", action="store_true", help="keep OUT/train_state/ after finishing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)

@@ -1,0 +1,65 @@
+"""The recipe of a small base model: architecture and training settings, written beside the weights.
+
+    python -c "from defect_ds.pretrain.recipe import BaseRecipe; print(BaseRecipe())"
+
+The same recipe and data reproduce the same base: every random draw is a function of (seed, stage, step).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class BaseRecipe:
+    seed: int = 0
+    # VAE: f4 (two downsamplings), so a 64 px image has a 16x16 latent and 1-3 px defects keep a latent
+    # pixel of their own; trained as a generic codec (see stages.train_vae for the detail strokes).
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_latent_channels: int = 4
+    vae_steps: int = 1200
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 1e-3
+    vae_kl_weight: float = 1e-6  # SD's VAE weight: a near-deterministic codec, latents kept near N(0, s^2)
+    vae_stroke_probability: float = 0.5  # share of VAE training images given random thin strokes and dots
+    # UNet + text encoder: SD's block types (cross-attention at the two finest grids), a fraction of the width.
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    unet_steps: int = 3000
+    unet_batch_size: int = 32
+    unet_learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1  # empty captions now and then, so classifier-free guidance works
+    ema_decay: float = 0.999
+    val_every_steps: int = 250
+    save_every_steps: int = 250
+    precision: str = "bf16"  # autocast for the training forward passes; weights and optimizer stay fp32
+    extra: dict = field(default_factory=dict)  # free-form notes carried into recipe.json
+
+    def validate(self) -> None:
+        for f in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "val_every_steps",
+                  "save_every_steps"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"Recipe field {f}={getattr(self, f)} must be at least 1.")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"Recipe field precision={self.precision!r} must be fp32 or bf16.")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"Recipe field caption_dropout={self.caption_dropout} must be in [0, 1).")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BaseRecipe":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"data", "resolution_px"})
+        if unknown:
+            raise ValueError(f"Recipe {path} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        recipe = cls(**values)
+        recipe.validate()
+        return recipe

@@ -1,0 +1,102 @@
+"""`defect-ds pretrain-base` on a few good images with a toy recipe: the folder loads in stock diffusers,
+the scaling factor comes from the data, defects are never seen, and an interrupted stage resumes exactly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defect_ds.cli import main
+from defect_ds.pretrain import stages
+from defect_ds.pretrain.recipe import BaseRecipe
+
+TOY = dict(vae_channels=[32, 32], vae_steps=3, vae_batch_size=4, unet_channels=[32, 32], text_hidden_size=32,
+           unet_steps=3, unet_batch_size=4, val_every_steps=2, save_every_steps=2, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert main(["prepare", "synthetic", str(out), "--resolution-px", "32", "--per-defect", "1",
+                 "--good-per-category", "6", "--categories", "pill,screw", "--val-fraction", "0.2",
+                 "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    recipe = tmp_path_factory.mktemp("recipe") / "recipe.json"
+    recipe.write_text(json.dumps(TOY))
+    out = tmp_path_factory.mktemp("base") / "base"
+    assert main(["pretrain-base", str(data), str(out), "--recipe", str(recipe), "--sample-steps", "2",
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_base_loads_in_stock_diffusers_and_draws(base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a pill", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    assert pipe.unet.dtype == torch.float32
+    stored = pipe.unet.config.in_channels
+    assert stored == pipe.vae.config.latent_channels
+
+
+def test_scaling_factor_comes_from_the_data(base):
+    vae_config = json.loads((base / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 0.18215 and vae_config["scaling_factor"] > 0
+    recipe = json.loads((base / "recipe.json").read_text())
+    assert recipe["vae_steps"] == 3 and recipe["resolution_px"] == 32
+
+
+def test_base_never_sees_defects_and_keeps_its_records(base):
+    assert not (base / "train_state").exists()  # finished runs drop their resume state
+    log = [json.loads(line) for line in (base / "train_log.jsonl").read_text().splitlines()]
+    assert any("val_loss_ema" in r for r in log)
+    assert (base / "samples.png").stat().st_size > 0
+
+
+def test_load_good_leaves_defects_out(data):
+    from defect_ds.pretrain.cli import load_good
+
+    images, captions, left_out = load_good(data, "train", None)
+    assert left_out > 0 and len(images) == len(captions) > 0
+    assert all("sks_" not in c for c in captions)
+
+
+def test_refuses_a_finished_folder(base, data, capsys):
+    assert main(["pretrain-base", str(data), str(base), "--no-progress"]) == 2
+    assert "already holds a finished base model" in capsys.readouterr().err
+
+
+def test_vae_stage_resumes_exactly(tmp_path):
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    recipe = BaseRecipe(**{**TOY, "vae_channels": (32, 32), "vae_steps": 4, "save_every_steps": 2})
+    whole = stages.train_vae(images, recipe, tmp_path / "a.pt", lambda step, values: None)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, values):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        stages.train_vae(images, recipe, tmp_path / "b.pt", interrupt)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 2
+    resumed = stages.train_vae(images, recipe, tmp_path / "b.pt", lambda step, values: None)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_strokes_touch_only_some_images():
+    images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    out = stages.add_strokes(images, np.random.default_rng(0), 0.5)
+    touched = (out != 0).flatten(1).any(1)
+    assert 10 < touched.sum() < 54
