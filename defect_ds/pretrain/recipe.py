@@ -14,21 +14,24 @@ from pathlib import Path
 @dataclass
 class BaseRecipe:
     seed: int = 0
-    # VAE: f4 (two downsamplings), so a 64 px image has a 16x16 latent and 1-3 px defects keep a latent
-    # pixel of their own; trained as a generic codec (see stages.train_vae for the detail strokes).
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    # VAE: f2 (one downsampling), so a 64 px image has a 32x32x4 latent (3x compression) and 1-px
+    # scratches survive the round trip; an f4 codec of this size (16x16x4, 12x) erased every 1-px scratch
+    # (benchmarks/results/base-model-*.md). Trained as a generic codec (see stages.add_strokes).
+    vae_channels: tuple[int, ...] = (32, 64)
     vae_latent_channels: int = 4
-    vae_steps: int = 1200
+    vae_steps: int = 800
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6  # SD's VAE weight: a near-deterministic codec, latents kept near N(0, s^2)
-    vae_stroke_probability: float = 0.5  # share of VAE training images given random thin strokes and dots
-    # UNet + text encoder: SD's block types (cross-attention at the two finest grids), a fraction of the width.
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    vae_stroke_probability: float = 0.75  # share of VAE training images given random thin strokes and dots
+    # UNet + text encoder: SD's block types at a fraction of the width; cross-attention (and so the mask
+    # gate) at the levels marked True: the 16x16 and 8x8 grids of a 64 px image, none at the 32x32 latent.
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
+    unet_attention: tuple[bool, ...] = (False, True, True, False)
     unet_layers_per_block: int = 1
     text_hidden_size: int = 64
     text_layers: int = 2
-    unet_steps: int = 3000
+    unet_steps: int = 2000
     unet_batch_size: int = 32
     unet_learning_rate: float = 5e-4
     warmup_steps: int = 100
@@ -44,6 +47,9 @@ class BaseRecipe:
                   "save_every_steps"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Recipe field {f}={getattr(self, f)} must be at least 1.")
+        if len(self.unet_attention) != len(self.unet_channels):
+            raise ValueError(f"Recipe fields unet_attention and unet_channels must have the same length, got "
+                             f"{len(self.unet_attention)} and {len(self.unet_channels)}.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Recipe field precision={self.precision!r} must be fp32 or bf16.")
         if not 0 <= self.caption_dropout < 1:

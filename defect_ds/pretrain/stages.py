@@ -156,10 +156,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def build_unet(recipe: BaseRecipe, latent_size: int, latent_channels: int):
     from diffusers import UNet2DConditionModel
 
-    n = len(recipe.unet_channels)
-    # attention at every grid but the coarsest, as SD 1.5 has it
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in recipe.unet_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(recipe.unet_attention))
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         layers_per_block=recipe.unet_layers_per_block, block_out_channels=tuple(recipe.unet_channels),

@@ -13,7 +13,8 @@ from defect_ds.cli import main
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
 
-TOY = dict(vae_channels=[32, 32], vae_steps=3, vae_batch_size=4, unet_channels=[32, 32], text_hidden_size=32,
+TOY = dict(vae_channels=[32, 32], vae_steps=3, vae_batch_size=4, unet_channels=[32, 32],
+           unet_attention=[True, False], text_hidden_size=32,
            unet_steps=3, unet_batch_size=4, val_every_steps=2, save_every_steps=2, warmup_steps=1)
 
 
