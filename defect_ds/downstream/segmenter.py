@@ -44,21 +44,22 @@ class SegmentationUNet(nn.Module):
         return self.head(x)
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Focal loss (torchvision's) plus soft Dice on the defect class."""
-    focal = sigmoid_focal_loss(logits, masks, alpha=0.25, gamma=2.0, reduction="mean")
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bce-dice") -> torch.Tensor:
+    """BCE plus soft Dice on the defect class (default), or focal loss (torchvision's, DRAEM's choice)."""
+    if kind == "focal":
+        return sigmoid_focal_loss(logits, masks, alpha=0.25, gamma=2.0, reduction="mean") * 10
     probs = torch.sigmoid(logits)
     dice = 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
-    return focal * 10 + dice
+    return F.binary_cross_entropy_with_logits(logits, masks) + dice
 
 
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
-                    seed: int, learning_rate: float = 1e-3, on_step: Callable[[int], None] | None = None
+                    seed: int, width: int = 16, learning_rate: float = 3e-3, on_step: Callable[[int], None] | None = None
                     ) -> SegmentationUNet:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images."""
     torch.manual_seed(seed)
-    net = SegmentationUNet()
+    net = SegmentationUNet(width)
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = np.random.default_rng(seed)
