@@ -93,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {"arms": arms, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
                             "resolution_px": size, "split_dir": str(split_dir), "generated": args.generated,
-                            "segmenter": f"DRAEM-style discriminative U-Net (width {args.width}), focal + Dice, good images 50/50"},
+                            "segmenter": f"DRAEM-style discriminative U-Net (width {args.width}), {args.loss} loss, good images 50/50"},
                "train": {"shots": len(shots), "good_images": len(goods),
                          "generated_pairs": len(generated) if generated is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
@@ -110,6 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 progress.update(task, description=f"{arm} seed {seed}")
                 net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=args.steps,
                                       batch_size=args.batch_size, seed=seed, width=args.width,
+                                      loss=args.loss,
                                       on_step=lambda _: progress.advance(task))
                 probs = predict(net, test.images)
                 per_seed.append(score_by_type(probs, test.masks, test.types))
@@ -159,6 +160,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--steps", type=int, default=500, help="segmenter training steps per arm and seed")
     e.add_argument("--batch-size", type=int, default=16, help="half defect samples, half good images")
     e.add_argument("--resolution-px", type=int, default=64)
+    e.add_argument("--loss", choices=("bce-dice", "focal"), default="bce-dice")
     e.add_argument("--width", type=int, default=16, help="channels of the segmenter's first level (x2 per level)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_eval)

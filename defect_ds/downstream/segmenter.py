@@ -55,7 +55,7 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bc
 
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
-                    seed: int, width: int = 16, learning_rate: float = 3e-3, on_step: Callable[[int], None] | None = None
+                    seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 3e-3, on_step: Callable[[int], None] | None = None
                     ) -> SegmentationUNet:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images."""
     torch.manual_seed(seed)
@@ -70,9 +70,9 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         goods = good_batch(rng, batch_size - n_defect)
         x = to_tensor(np.concatenate([images, goods]))
         y = torch.from_numpy(np.concatenate([masks, np.zeros((len(goods), *masks.shape[1:]), masks.dtype)]))
-        loss = segmentation_loss(net(x), y.float().unsqueeze(1))
+        value = segmentation_loss(net(x), y.float().unsqueeze(1), loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
         if on_step is not None:
