@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
-    from defect_ds.distributed import init_distributed
-    from defect_ds.trainer import Trainer, TrainingDiverged
+    from defect_ds.train.distributed import init_distributed
+    from defect_ds.train.trainer import Trainer, TrainingDiverged
 
     dist_info = init_distributed(cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, dist_info)

@@ -9,7 +9,7 @@ benchmarks/results/sweep-{cpu|gpu}-DATE.{md,json,png}.
 """
 import sys
 
-from defect_ds.bench import main
+from defect_ds.perf.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="python benchmarks/sweep.py"))

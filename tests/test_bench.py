@@ -13,8 +13,8 @@ import sys
 import pytest
 from PIL import Image
 
-from defect_ds import bench
-from defect_ds.bench_report import config_diff, write_results
+from defect_ds.perf import sweep as bench
+from defect_ds.perf.sweep_report import config_diff, write_results
 from defect_ds.config import ConfigError, load_config
 
 AXES = dict(zero="2,3,3o", accum="1,2", micro_batch="4,8", checkpointing="on,off", latents="off,on")

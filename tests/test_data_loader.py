@@ -3,9 +3,7 @@ bad samples and shards, latent shards. All data is made here, tiny."""
 from __future__ import annotations
 
 import io
-import sys
 import tarfile
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 from defect_ds.config import DataConfig
+from defect_ds.data import loader
 from defect_ds.data.loader import BadShardError, batches_per_epoch, build_loader, plan_epoch
 from defect_ds.data.prepare import WriteOptions, synthetic_jobs, write_dataset
 from defect_ds.data.sample import BadSampleError, Sample
@@ -319,8 +318,7 @@ def test_latent_shards_use_the_pluggable_transform(tmp_path, monkeypatch):
         return {"latents": torch.full((4, 2, 2), float(flip)), "mask": torch.zeros(1, 2, 2),
                 "caption": sample["caption.txt"].decode(), "defect_type": "x"}
 
-    monkeypatch.setitem(sys.modules, "defect_ds.latents",
-                        types.SimpleNamespace(transform_latent_sample=transform_latent_sample))
+    monkeypatch.setattr(loader, "transform_latent_sample", transform_latent_sample)
     cfg = DataConfig(train_shards=str(shards), resolution_px=16)
     _, batches = collect(cfg, micro_batch_size=4, rank=0, world_size=1, seed=0, epoch=0)
     assert batches[0]["latents"].shape == (4, 4, 2, 2) and "pixel_values" not in batches[0]

@@ -1,6 +1,6 @@
 import torch
 
-from defect_ds import diffusion
+from defect_ds.model import objective as diffusion
 from defect_ds.config import LossConfig
 
 ALPHAS = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)

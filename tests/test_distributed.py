@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from defect_ds.config import ConfigError, OptimizerConfig, TrainConfig
-from defect_ds.distributed import build_ds_config, zero_stage
+from defect_ds.train.distributed import build_ds_config, zero_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import types
 import pytest
 import torch
 
-from defect_ds.flops import FlopBreakdown, measure_flops, measure_sd15
-from defect_ds.mfu import PEAK_BF16_TFLOPS, ThroughputMeter, make_meter, peak_tflops
-from defect_ds.tiny_model import SD15_TEXT, TINY_TEXT, TINY_UNET, TINY_VAE
+from defect_ds.perf.flops import FlopBreakdown, measure_flops, measure_sd15
+from defect_ds.perf.mfu import PEAK_BF16_TFLOPS, ThroughputMeter, make_meter, peak_tflops
+from defect_ds.model.tiny import SD15_TEXT, TINY_TEXT, TINY_UNET, TINY_VAE
 
 
 @pytest.fixture(scope="module")

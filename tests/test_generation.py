@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from defect_ds.cli import main
-from defect_ds.procedural_masks import object_region, random_mask
+from defect_ds.generate.masks import object_region, random_mask
 
 TOKENS = {"scratch": "sks_scratch", "stain": "sks_stain"}
 VECTORS = 2  # multi-vector tokens: the prompt's token is expanded by diffusers' loader
@@ -22,9 +22,10 @@ VECTORS = 2  # multi-vector tokens: the prompt's token is expanded by diffusers'
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory):
     """A run directory whose export is what the trainer writes: LoRA (random, non-zero B) + tokens."""
-    from defect_ds import export, textual_inversion
+    from defect_ds.model import textual_inversion
+    from defect_ds.train import export
     from defect_ds.config import LoraConfig, ModelConfig
-    from defect_ds.models import add_lora, load_components
+    from defect_ds.model.components import add_lora, load_components
 
     torch.manual_seed(0)
     parts = load_components(ModelConfig(pretrained_dir=str(tiny_model_dir)))
@@ -80,7 +81,7 @@ def test_procedural_masks_are_seeded_binary_and_on_the_object():
 
 
 def test_build_pipeline_loads_the_trainer_export(trained_run):
-    from defect_ds.generation import build_pipeline
+    from defect_ds.generate.pipeline import build_pipeline
 
     pipe, tokens, info = build_pipeline(run=str(trained_run["run_dir"]))
     assert tokens == TOKENS
@@ -260,7 +261,7 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
 
 
 def test_file_masks_keep_off_centre_defects_and_skip_empty_ones(tmp_path, caplog):
-    from defect_ds.sample_io import load_mask_pool
+    from defect_ds.data.reader import load_mask_pool
 
     folder = tmp_path / "masks"
     (folder / "scratch").mkdir(parents=True)
@@ -297,7 +298,7 @@ def _loose_export(trained_run, folder: Path, with_meta: bool) -> Path:
 
 
 def test_loose_embeddings_are_typed_by_export_json_or_token_prefix(trained_run, tmp_path):
-    from defect_ds.generation import resolve_embeddings
+    from defect_ds.generate.pipeline import resolve_embeddings
     from safetensors.torch import save_file
 
     # export.json beside the folder names the types, even where the token says otherwise
@@ -343,7 +344,7 @@ def test_loose_weights_are_recorded_and_a_resume_with_others_refused(trained_run
 
 
 def test_plan_prefers_masks_of_the_source_category_and_hints_at_defect_types():
-    from defect_ds.generation import GenerationSettings, plan_samples
+    from defect_ds.generate.spec import GenerationSettings, plan_samples
 
     def mask(v):
         m = np.zeros((64, 64), np.uint8)
@@ -368,7 +369,7 @@ def test_plan_prefers_masks_of_the_source_category_and_hints_at_defect_types():
 
 def test_default_prompt_is_the_training_caption():
     from defect_ds.data.captions import caption_for
-    from defect_ds.generation import DEFAULT_PROMPT
+    from defect_ds.generate.spec import DEFAULT_PROMPT
 
     assert DEFAULT_PROMPT.format(category="pill", token="sks_crack", defect_type="crack") == \
         caption_for("pill", "crack", {"crack": "sks_crack"})
@@ -379,11 +380,11 @@ def test_generate_takes_every_export_the_trainer_writes(unet_mode, tiny_model_di
     """The export is written by the trainer's own `export` method and `export_weights` (not by hand)."""
     from types import SimpleNamespace
 
-    from defect_ds import textual_inversion
+    from defect_ds.model import textual_inversion
     from defect_ds.config import RunConfig
-    from defect_ds.generation import build_pipeline
-    from defect_ds.models import add_lora, load_components, set_trainable
-    from defect_ds.trainer import Trainer
+    from defect_ds.generate.pipeline import build_pipeline
+    from defect_ds.model.components import add_lora, load_components, set_trainable
+    from defect_ds.train.trainer import Trainer
 
     cfg = RunConfig()
     cfg.model.pretrained_dir, cfg.model.unet_mode = str(tiny_model_dir), unet_mode

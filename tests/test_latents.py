@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from defect_ds.config import DataConfig
-from defect_ds.latents import encode_shards, transform_latent_sample
+from defect_ds.data.latents import encode_shards, transform_latent_sample
 
 RES = 64
 

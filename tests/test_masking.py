@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from defect_ds.config import LoraConfig, ModelConfig
-from defect_ds.masking import enable_mask_gating, grid_for_tokens, mask_context, set_mask
-from defect_ds.models import add_lora, load_components
+from defect_ds.model.mask_gating import enable_mask_gating, grid_for_tokens, mask_context, set_mask
+from defect_ds.model.components import add_lora, load_components
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_mask_batch_must_divide(lora_unet):
 
 
 def test_max_resize_keeps_a_thin_scratch_that_nearest_drops():
-    from defect_ds.masking import resize_mask
+    from defect_ds.model.mask_gating import resize_mask
 
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., 10:54, 13] = 1  # a 1 px vertical scratch, off the pixels nearest samples (multiples of 8)

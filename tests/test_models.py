@@ -1,8 +1,8 @@
 import pytest
 
 from defect_ds.config import LoraConfig, ModelConfig
-from defect_ds.models import add_lora, load_components, set_trainable
-from defect_ds.textual_inversion import add_tokens
+from defect_ds.model.components import add_lora, load_components, set_trainable
+from defect_ds.model.textual_inversion import add_tokens
 
 
 @pytest.mark.parametrize("mode", ["lora", "full", "frozen"])

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from defect_ds.config import ModelConfig
-from defect_ds.models import load_components, set_trainable
-from defect_ds.textual_inversion import add_tokens, expand_prompt, learned_embeddings
+from defect_ds.model.components import load_components, set_trainable
+from defect_ds.model.textual_inversion import add_tokens, expand_prompt, learned_embeddings
 
 
 @pytest.fixture()

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from defect_ds.models import check_model_dir, unet_param_count
-from defect_ds.tiny_model import SD15_UNET, make_model_folder
+from defect_ds.model.components import check_model_dir, unet_param_count
+from defect_ds.model.tiny import SD15_UNET, make_model_folder
 
 
 def test_tiny_model_loads_in_stock_pipeline_and_generates(tiny_model_dir):

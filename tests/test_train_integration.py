@@ -89,9 +89,9 @@ import torch
 sys.path.insert(0, {root!r})
 import deepspeed
 from defect_ds.config import load_config
-from defect_ds.distributed import init_distributed
-from defect_ds.models import load_components
-from defect_ds.trainer import Trainer
+from defect_ds.train.distributed import init_distributed
+from defect_ds.model.components import load_components
+from defect_ds.train.trainer import Trainer
 
 from train import parse_args
 

@@ -39,6 +39,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from defect_ds.config import DataConfig
+from defect_ds.data.latents import transform_latent_sample
 from defect_ds.data.sample import BadSampleError, read_sample_bytes
 from defect_ds.data.shards import read_manifest
 
@@ -281,8 +282,6 @@ class _SampleTransform:
             hflip, vflip, cy, cx = augment_decisions(self.seed, self.epoch, key, raw["__copy__"])
             hflip, vflip = hflip and self.cfg.hflip, vflip and self.cfg.vflip
             if self.kind == "latents":
-                from defect_ds.latents import transform_latent_sample
-
                 out = transform_latent_sample(raw, self.cfg, hflip)
             else:
                 out = transform_image_sample(raw, self.cfg, hflip, vflip, (cy, cx) if self.cfg.random_crop else None)

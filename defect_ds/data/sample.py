@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ def check_sample(sample: Sample) -> None:
                              f"is {sample.image.size[0]}x{sample.image.size[1]}; give a mask of the image's size.")
     if not sample.caption.strip():
         raise BadSampleError(f"{where}: the caption is empty; give every image a caption or a caption template.")
+
+
+def sanitise_key(text: str) -> str:
+    """A sample key from any text: WebDataset keys may not hold dots, slashes or spaces."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
 
 
 def png_bytes(image: Image.Image) -> bytes:

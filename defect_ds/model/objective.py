@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from defect_ds.config import LossConfig
-from defect_ds.masking import resize_mask
+from defect_ds.model.mask_gating import resize_mask
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from defect_ds.export import lora_state_dict, write_export
+from defect_ds.model.textual_inversion import learned_embeddings
+from defect_ds.train.export import lora_state_dict, write_export
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -99,8 +100,6 @@ def _gathered(params: list[torch.nn.Parameter], zero_stage: int):
 def export_weights(model, out_dir: Path, *, meta: dict, unet_mode: str, tokens: list[str],
                    vectors_per_token: int, zero_stage: int, is_main: bool) -> None:
     """Gathers trainable weights (all ranks take part under ZeRO-3) and rank 0 writes the export."""
-    from defect_ds.textual_inversion import learned_embeddings
-
     unet, text_encoder = model.unet, model.text_encoder
     params = [p for p in unet.parameters() if unet_mode == "full" or p.requires_grad]
     params += [p for p in text_encoder.parameters() if p.requires_grad]

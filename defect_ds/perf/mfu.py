@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from defect_ds.flops import FlopBreakdown, measure_flops
+from defect_ds.perf.flops import FlopBreakdown, measure_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets. Matched
 # against torch.cuda.get_device_name(), most specific names first.

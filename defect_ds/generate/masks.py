@@ -4,7 +4,7 @@ Masks are sized relative to the object and placed on it: the object is estimated
 the pixels that differ from the border colour (industrial photos have a plain background), and the
 drawn shape is clipped to it. Everything is seeded, so a sample key always gets the same mask.
 
-    python -c "from defect_ds.procedural_masks import random_mask; import numpy as np; \
+    python -c "from defect_ds.generate.masks import random_mask; import numpy as np; \
 print(random_mask(64, 64, np.random.default_rng(0)).sum())"
 """
 from __future__ import annotations

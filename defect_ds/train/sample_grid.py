@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from defect_ds.masking import set_mask
+from defect_ds.model.mask_gating import set_mask
 
 
 def centre_mask(resolution_px: int) -> torch.Tensor:

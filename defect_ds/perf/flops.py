@@ -1,6 +1,6 @@
 """FLOPs per training sample, measured once per run from the real model on the meta device.
 
-    python -c "from defect_ds.flops import measure_sd15; print(measure_sd15(512))"
+    python -c "from defect_ds.perf.flops import measure_sd15; print(measure_sd15(512))"
 
 Each part is counted on its own by `torch.utils.flop_counter.FlopCounterMode` while the model runs on
 the meta device (shapes only: SD 1.5 costs no memory and about ten seconds of CPU). The counter sees
@@ -30,6 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from defect_ds.config import LoraConfig
+from defect_ds.model.tiny import SD15_TEXT, SD15_UNET, SD15_VAE
 
 UNET_MODES = ("lora", "full", "frozen")
 TEXT_SEQUENCE_LENGTH = 77  # CLIP's context: prompts are padded to it
@@ -103,9 +106,6 @@ def measure_flops(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
 
 def measure_sd15(resolution_px: int = 512, **kwargs: Any) -> FlopBreakdown:
     """`measure_flops` for the real SD 1.5 architecture (LoRA with the default targets unless told)."""
-    from defect_ds.config import LoraConfig
-    from defect_ds.tiny_model import SD15_TEXT, SD15_UNET, SD15_VAE
-
     kwargs.setdefault("lora_targets", LoraConfig().target_modules)
     return measure_flops(SD15_UNET, SD15_VAE, SD15_TEXT, resolution_px=resolution_px, **kwargs)
 

@@ -37,7 +37,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from defect_ds.config import load_config
+from defect_ds.perf.mfu import peak_tflops
+from defect_ds.perf.sweep_report import write_results
+
+ROOT = Path(__file__).resolve().parents[2]
 ZERO_CONFIGS = {"2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json", "3o": "ds_configs/zero3_offload.json"}
 ARCH_DEFAULTS = {  # model folder, image shards, resolution
     "tiny": ("work/tiny-sd", "work/data/synthetic", 64),
@@ -313,8 +317,6 @@ def environment(num_gpus: int, cuda: bool, env: dict[str, str]) -> dict[str, Any
         info.update(device=name, device_memory_gib=round(float(mem), 1), cuda=cuda_version)
     else:
         info["device"] = cpu_name()
-    from defect_ds.mfu import peak_tflops
-
     info["peak_tflops"] = peak_tflops(info["device"]) if cuda else None
     return info
 
@@ -373,8 +375,6 @@ def run(args: argparse.Namespace, command_line: str | None = None) -> int:
     """Runs the sweep; returns 0 if every point succeeded, 1 otherwise."""
     import torch
 
-    from defect_ds.config import load_config
-
     extra = ["--" + o.removeprefix("--") for o in args.override]
     command_line = command_line or shlex.join(["defect-ds", *sys.argv[1:]])
     cuda = torch.cuda.is_available()
@@ -404,8 +404,6 @@ def run(args: argparse.Namespace, command_line: str | None = None) -> int:
     if not cuda:
         env["DS_ACCELERATOR"] = "cpu"
     prepare_inputs(args.arch, plan, any(p.latents for p in points), env)
-    from defect_ds.bench_report import write_results
-
     info = environment(plan.num_gpus, cuda, env)
     info.update(command=command_line, arch=args.arch, grid=args.grid, plan=dataclasses.asdict(plan),
                 engine_configs={z: json.loads((ROOT / path).read_text()) for z, path in ZERO_CONFIGS.items()
@@ -441,7 +439,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
-        return run(args, command_line=shlex.join([*shlex.split(prog or "python -m defect_ds.bench"), *argv]))
+        return run(args, command_line=shlex.join([*shlex.split(prog or "python -m defect_ds.perf.sweep"), *argv]))
     except ValueError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ that a resumed run must match.
     OUT_DIR/samples/<type>-NNNNNN/       image.png, mask.png, caption.txt, json (+ source.png)
     OUT_DIR/shards/                      train-NNNNNN.tar + manifest.json, as `defect-ds prepare` writes them
 
-    python -c "from defect_ds.generation_output import write_shards; print(write_shards('out/gen', {}, 1000))"
+    python -c "from defect_ds.generate.output import write_shards; print(write_shards('out/gen', {}, 1000))"
 """
 from __future__ import annotations
 
@@ -13,15 +13,13 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from defect_ds.sample_io import mask_localisation
-
-if TYPE_CHECKING:
-    from defect_ds.generation import GenerationSettings, SampleSpec
+from defect_ds.data.shards import ShardWriter, build_manifest, write_manifest
+from defect_ds.evaluate.metrics import mask_localisation
+from defect_ds.generate.spec import GenerationSettings, SampleSpec
 
 SETTINGS_FILE = "generation.json"
 IGNORED_ON_RESUME = ("precision",)  # bf16 on a GPU, fp32 on a CPU: a resume may move between them
@@ -63,8 +61,6 @@ def write_shards(out_dir: Path, tokens: dict[str, str], shard_size: int, extra: 
     trainer's loader read them like any prepared data set. The new folder is built beside the old
     one and swapped in by renames: a reader sees the old shards or the new ones, never a mix.
     """
-    from defect_ds.data.shards import ShardWriter, build_manifest, write_manifest
-
     out_dir = Path(out_dir)
     folders = sorted(p.parent for p in (out_dir / "samples").glob("*/json"))
     tmp = out_dir / "shards.partial"

@@ -8,6 +8,7 @@ scheduler/), so every code path is the one a downloaded SD 1.5 folder takes.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -139,3 +140,20 @@ def make_model_folder(out_dir: str | Path, arch: str = "tiny", seed: int = 0) ->
     pipe.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(out_dir)  # a folder with model_index.json is always complete
     return out_dir
+
+
+# ---- the command --------------------------------------------------------------------------------
+def add_command(sub: argparse._SubParsersAction) -> None:
+    """Adds `defect-ds make-tiny-model DIR [--arch tiny|sd15]`."""
+    p = sub.add_parser("make-tiny-model", help="write a random-weight Stable Diffusion folder (offline)")
+    p.add_argument("out_dir", help="folder to create; must not hold a model already")
+    p.add_argument("--arch", choices=ARCHS, default="tiny",
+                   help="tiny (CPU tests, the default) or sd15 (real SD 1.5 shapes for speed work)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = make_model_folder(args.out_dir, arch=args.arch, seed=args.seed)
+    print(f"wrote {args.arch} model to {out}")
+    return 0

@@ -7,7 +7,7 @@ An export folder holds
     export.json                        base model, tokens per defect type, settings, step
 Folders are written under a temporary name and renamed, so a folder that exists is complete.
 
-    python -c "from defect_ds.export import read_export_meta; print(read_export_meta('runs/default/export'))"
+    python -c "from defect_ds.train.export import read_export_meta; print(read_export_meta('runs/default/export'))"
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from defect_ds.model.mask_gating import enable_mask_gating
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDS_DIR = "learned_embeds"
@@ -88,8 +90,6 @@ def load_export(pipe, export_dir: str | Path, mask_gating: bool = True, mask_res
 
     mask_resize: how the gate resizes masks; None takes the one the run trained with."""
     from diffusers import UNet2DConditionModel
-
-    from defect_ds.masking import enable_mask_gating
 
     export_dir = find_export(export_dir)
     meta = read_export_meta(export_dir)

@@ -5,21 +5,20 @@ folder (its samples/), or a folder of images (one subfolder per defect type). Ma
 come from a folder of PNGs or from a data set's defect masks; good images to inpaint into come from a
 folder of images or a data set's `good` samples.
 
-    python -c "from defect_ds.sample_io import iter_dataset; print(sum(1 for _ in iter_dataset('work/data')))"
+    python -c "from defect_ds.data.reader import iter_dataset; print(sum(1 for _ in iter_dataset('work/data')))"
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-log = logging.getLogger("defect_ds.generation")
+log = logging.getLogger("defect_ds.generate.pipeline")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 MaskPool = dict[str, list[tuple[np.ndarray, str, str]]]  # defect type or "*" -> [(mask, origin, category)]
 
@@ -127,11 +126,6 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
                "meta": {"defect_type": defect_type}, "source": None, "kind": "images"}
 
 
-def safe_key(text: str) -> str:
-    """WebDataset keys may not hold dots or slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text)
-
-
 def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
     """Masks by defect type from a folder of PNGs (subfolders name types) or a data set's masks.
 
@@ -192,10 +186,3 @@ def load_sources(path: str | None, size: int) -> list[tuple[np.ndarray, str, str
         raise ValueError(f"{path} holds no good (defect-free) images to inpaint into; pass a folder of "
                          "images or a data set with defect_type 'good' samples.")
     return out
-
-
-def mask_localisation(image: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float | None:
-    """The share of the absolute pixel change from `source` that lies inside `mask` (None: no change)."""
-    changed = np.abs(image.astype(np.int32) - source.astype(np.int32)).sum(-1)
-    total = changed.sum()
-    return float((changed * mask.astype(bool)).sum() / total) if total > 0 else None

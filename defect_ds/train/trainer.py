@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from defect_ds import checkpoint as ckpt
-from defect_ds import diffusion
+from defect_ds.train import checkpoint as ckpt
+from defect_ds.model import objective as diffusion
 from defect_ds.config import RunConfig, save_config
-from defect_ds.distributed import DistInfo, build_ds_config, uses_offload, zero_stage
-from defect_ds.masking import enable_mask_gating, set_mask
-from defect_ds.models import add_lora, load_components, set_trainable
-from defect_ds.run_logger import make_logger
-from defect_ds.textual_inversion import add_tokens, expand_prompt
+from defect_ds.train.distributed import DistInfo, build_ds_config, uses_offload, zero_stage
+from defect_ds.model.mask_gating import enable_mask_gating, set_mask
+from defect_ds.model.components import add_lora, load_components, set_trainable
+from defect_ds.train.logger import make_logger
+from defect_ds.model.textual_inversion import add_tokens, expand_prompt
 
 
 class TrainingDiverged(RuntimeError):
@@ -201,7 +201,7 @@ class Trainer:
     def _setup_meter(self) -> None:
         self.meter = None
         try:
-            from defect_ds.mfu import make_meter
+            from defect_ds.perf.mfu import make_meter
         except ImportError:
             return
         self.meter = make_meter(self.cfg, self.vae, self.engine.module, self.dist, self.manifest)
@@ -396,7 +396,7 @@ class Trainer:
 
     def sample_grid(self) -> None:
         """Every rank renders (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
-        from defect_ds.sampling import render_sample_grid
+        from defect_ds.train.sample_grid import render_sample_grid
 
         model = self.engine.module
         prompts = self.cfg.logging.sample_prompts or [

@@ -18,7 +18,6 @@ difference inside the masks between pairs of generated images, which is cheap an
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,7 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from defect_ds.sample_io import iter_dataset, load_mask, load_rgb, mask_localisation
+from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
+from defect_ds.evaluate.report import markdown_report, save_pair_grid
 
 ENV_INCEPTION = "DEFECT_DS_INCEPTION_WEIGHTS"
 ENV_LPIPS = "DEFECT_DS_LPIPS_WEIGHTS"
@@ -214,6 +214,13 @@ def fidelity_metrics(gen: dict, real: dict | None, gen_name: str, real_name: str
     return out, notes
 
 
+def mask_localisation(image: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float | None:
+    """The share of the absolute pixel change from `source` that lies inside `mask` (None: no change)."""
+    changed = np.abs(image.astype(np.int32) - source.astype(np.int32)).sum(-1)
+    total = changed.sum()
+    return float((changed * mask.astype(bool)).sum() / total) if total > 0 else None
+
+
 def masked_pixel_diversity(images: list[np.ndarray], masks: list[np.ndarray]) -> float | None:
     """Mean over pairs of the mean absolute pixel difference (0..1) inside the union of their masks."""
     values = []
@@ -283,8 +290,6 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
              device: str = "auto", grid_per_row: int = 8) -> dict:
     """Computes every score, writes report.json, report.md and grid.png to out_dir; returns the report."""
     from torch_fidelity.utils import create_feature_extractor
-
-    from defect_ds.report import markdown_report, save_pair_grid
 
     weights = resolve_inception_weights(inception_weights)  # fail before any image is read
     lpips_dir = lpips_weights or os.environ.get(ENV_LPIPS)
@@ -380,43 +385,3 @@ def _concat(dicts: list[dict]) -> dict | None:
     if not dicts:
         return None
     return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
-
-
-# ---- the command -----------------------------------------------------------------------------
-
-def run(args: argparse.Namespace) -> int:
-    if min(args.batch_size, args.kid_subset_size, args.kid_subsets, args.isc_splits) < 1:
-        raise ValueError("--batch-size, --kid-subset-size, --kid-subsets and --isc-splits must be 1 or more.")
-    splits = tuple(args.real_split.split(",")) if args.real_split else None
-    out_dir = args.out or str(Path(args.generated) / "eval")
-    report = evaluate(args.generated, args.real, out_dir, inception_weights=args.inception_weights,
-                      lpips_weights=args.lpips_weights, cache_dir=args.cache_dir, real_splits=splits,
-                      resolution_px=args.resolution_px, batch_size=args.batch_size,
-                      kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-                      isc_splits=args.isc_splits, device=args.device)
-    o = report["overall"]
-    print(f"evaluate: overall FID {o['fid']}, KID {o['kid_mean']}, IS {o['is_mean']}; "
-          f"report in {Path(out_dir) / 'report.md'}")
-    return 0
-
-
-def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="FID/KID/IS, mask localisation and diversity of generated images",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("generated", help="a `defect-ds generate` output folder (or shards, or a folder of images)")
-    p.add_argument("--real", required=True, help="real images: a shards folder (the training data), a "
-                   "generated-style folder, or a folder of images with one subfolder per defect type")
-    p.add_argument("--real-split", default="", help="comma-separated shard splits of --real (default: all)")
-    p.add_argument("--out", help="report folder (default: GENERATED/eval)")
-    p.add_argument("--inception-weights", help=f"torch-fidelity Inception weights file (or ${ENV_INCEPTION})")
-    p.add_argument("--lpips-weights", help="folder with weights-vgg16-lpips.pth and vgg16-397923af.pth for "
-                   f"IC-LPIPS (or ${ENV_LPIPS}); without it IC-LPIPS is reported unavailable")
-    p.add_argument("--cache-dir", help=f"feature cache (or ${ENV_CACHE}; default ~/.cache/defect_ds/fidelity)")
-    p.add_argument("--resolution-px", type=int, default=0, help="resize every image to this square size "
-                   "(default: the generated images' size)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="lowered to the smaller set's size")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--isc-splits", type=int, default=10, help="lowered to the number of generated images")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=run)

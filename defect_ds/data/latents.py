@@ -32,6 +32,9 @@ import torch
 from PIL import Image
 
 from defect_ds.config import DataConfig
+from defect_ds.data.sample import read_sample_bytes
+from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
+from defect_ds.model.components import check_model_dir
 
 LATENT = "latent.npy"
 LATENT_HFLIP = "latent_hflip.npy"
@@ -80,9 +83,6 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
     Splits, keys, masks, captions and records are kept; returns the manifest (written last).
     """
     from diffusers import AutoencoderKL
-
-    from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
-    from defect_ds.models import check_model_dir
 
     if resolution_px < 8 or resolution_px % 8:
         raise ValueError(f"--resolution-px={resolution_px} is invalid; use a multiple of 8 such as 512.")
@@ -150,8 +150,6 @@ def _source_shards(manifest: dict[str, Any], src: Path) -> Iterator[tuple[str, P
 def _read_shard(path: Path, resolution_px: int) -> Iterator[dict[str, Any]]:
     """Decoded, resized and cropped samples of one image shard."""
     import webdataset as wds
-
-    from defect_ds.data.sample import read_sample_bytes
 
     for raw in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
         image, mask, caption, record = read_sample_bytes(raw)

@@ -1,6 +1,6 @@
 """Builds the Stable Diffusion parts from any local diffusers folder and decides what trains.
 
-    python -c "from defect_ds.models import check_model_dir; check_model_dir('work/tiny-sd')"
+    python -c "from defect_ds.model.components import check_model_dir; check_model_dir('work/tiny-sd')"
 """
 from __future__ import annotations
 
