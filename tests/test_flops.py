@@ -167,7 +167,8 @@ def test_make_meter_from_a_run(tiny_model_dir, tiny_lora_ti):
                                   text_trains=True)
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
     dist_info = types.SimpleNamespace(device=torch.device("cpu"), world_size=2)
-    meter = make_meter(cfg, vae, model, dist_info, {"kind": "latents"})
+    meter = make_meter(cfg.model, cfg.lora, cfg.data.resolution_px, vae, model, dist_info, {"kind": "latents"},
+                       peak_tflops_override=cfg.logging.peak_tflops)
     assert meter.flops == tiny_lora_ti  # rank 8, the default targets, learned tokens, no VAE per step
     assert meter.flops.vae_encode == 0 and meter.flops.text_encoder_backward > 0
     assert meter.peak_tflops is None and meter.world_size == 2

@@ -377,14 +377,14 @@ def test_default_prompt_is_the_training_caption():
 
 @pytest.mark.parametrize("unet_mode", ["lora", "full", "frozen"])
 def test_generate_takes_every_export_the_trainer_writes(unet_mode, tiny_model_dir, tmp_path, monkeypatch):
-    """The export is written by the trainer's own `export` method and `export_weights` (not by hand)."""
+    """The export is written by the trainer's own Exporter and `export_weights` (not by hand)."""
     from types import SimpleNamespace
 
     from defect_ds.model import textual_inversion
     from defect_ds.config import RunConfig
     from defect_ds.generate.pipeline import build_pipeline
     from defect_ds.model.components import add_lora, load_components, set_trainable
-    from defect_ds.train.trainer import Trainer
+    from defect_ds.train.export import Exporter
 
     cfg = RunConfig()
     cfg.model.pretrained_dir, cfg.model.unet_mode = str(tiny_model_dir), unet_mode
@@ -400,13 +400,11 @@ def test_generate_takes_every_export_the_trainer_writes(unet_mode, tiny_model_di
                 p.add_(torch.randn_like(p) * 0.1)
         parts.text_encoder.get_input_embeddings().learned_vectors.normal_(0, 1)
     trained = {n: p.detach().clone() for n, p in parts.unet.named_parameters() if p.requires_grad}
-    trainer = SimpleNamespace(cfg=cfg, step=5, defect_tokens=TOKENS, tokens=list(TOKENS.values()),
-                              engine=SimpleNamespace(module=SimpleNamespace(unet=parts.unet,
-                                                                            text_encoder=parts.text_encoder)),
-                              ds_config={"zero_optimization": {"stage": 0}}, dist=SimpleNamespace(is_main=True))
+    exporter = Exporter(cfg.model, cfg.lora, cfg.textual_inversion, resolution_px=cfg.data.resolution_px,
+                        defect_tokens=TOKENS, zero_stage=0, is_main=True)
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)  # one process, no group
     run_dir = tmp_path / "run"
-    Trainer.export(trainer, run_dir / "export")
+    exporter.write(SimpleNamespace(unet=parts.unet, text_encoder=parts.text_encoder), run_dir / "export", step=5)
     assert (run_dir / "export" / "unet").is_dir() == (unet_mode == "full")
 
     pipe, tokens, info = build_pipeline(run=str(run_dir))

@@ -14,8 +14,9 @@ cropped to R x R), `caption.txt`, `json`, and with --text-embeddings `text_embed
 77 x D: the frozen text encoder's output for the caption; usable only when no tokens are learned).
 The manifest says `"kind": "latents"`, the resolution and the VAE scaling factor. Latents are stored
 unscaled: the trainer multiplies by the scaling factor, as it does for latents it encodes itself.
-Images are resized (short side to R, bicubic; masks nearest) and centre-cropped, so random crops and
-vertical flips are not available from latent shards.
+Images are resized and centre-cropped exactly as the loader does it (`data/transforms.py`: short side to R,
+bilinear with antialiasing, masks nearest), so random crops and vertical flips are not available from
+latent shards.
 """
 from __future__ import annotations
 
@@ -32,9 +33,12 @@ import torch
 from PIL import Image
 
 from defect_ds.config import DataConfig
-from defect_ds.data.sample import read_sample_bytes
+from defect_ds.data.reader import read_shards, shard_paths
+from defect_ds.data.sample import MASK_THRESHOLD, mask_array, png_bytes, read_sample_bytes
 from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
-from defect_ds.model.components import check_model_dir
+from defect_ds.data.transforms import image_tensors
+from defect_ds.model.components import check_model_dir, tokenize
+from defect_ds.utils.device import resolve_device
 
 LATENT = "latent.npy"
 LATENT_HFLIP = "latent_hflip.npy"
@@ -92,7 +96,7 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
     if source.get("kind") == KIND:
         raise ValueError(f"{src_dir} already holds latent shards; pass a folder of image shards.")
     model_dir = check_model_dir(pretrained_dir)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(dev).eval()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution_px % factor:
@@ -103,7 +107,7 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
     out = prepare_out_dir(out_dir, overwrite)
     writer = ShardWriter(out)
     try:
-        for split, path in _source_shards(source, Path(src_dir)):
+        for split, path in shard_paths(Path(src_dir), source):
             n = 0
             for batch in _batched(_read_shard(path, resolution_px), batch_size):
                 for encoded, defect_type in _encode_batch(batch, vae, text, dev, hflip, mean_only):
@@ -131,43 +135,13 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
     return manifest
 
 
-def _source_shards(manifest: dict[str, Any], src: Path) -> Iterator[tuple[str, Path]]:
-    """(split, path) of every shard the manifest lists: {split: [{"name": ...} or name]} or [name]."""
-    listed = manifest["shards"]
-    if isinstance(listed, dict):
-        items = [(split, info["name"] if isinstance(info, dict) else info)
-                 for split, infos in listed.items() for info in infos]
-    else:
-        items = [(str(name).split("-")[0], name) for name in listed]
-    for split, name in items:
-        path = src / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{src / 'manifest.json'} lists {name}, which does not exist; "
-                                    "re-run `defect-ds prepare` for that folder.")
-        yield split, path
-
-
 def _read_shard(path: Path, resolution_px: int) -> Iterator[dict[str, Any]]:
-    """Decoded, resized and cropped samples of one image shard."""
-    import webdataset as wds
-
-    for raw in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+    """Samples of one image shard as the loader would feed them to the VAE: unflipped and centre-cropped."""
+    for raw in read_shards([path]):
         image, mask, caption, record = read_sample_bytes(raw)
-        image = resize_and_crop(image, resolution_px, Image.BICUBIC)
-        mask_image = resize_and_crop(Image.fromarray(mask.astype(np.uint8) * 255), resolution_px, Image.NEAREST)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        pixels, mask_t = image_tensors(image, mask, resolution_px)
+        mask_image = Image.fromarray(mask_t[0].numpy().astype(np.uint8) * 255)
         yield {"key": raw["__key__"], "pixels": pixels, "mask": mask_image, "caption": caption, "record": record}
-
-
-def resize_and_crop(image: Image.Image, resolution_px: int, resample: int) -> Image.Image:
-    """Short side to resolution_px, then the centred resolution_px square."""
-    w, h = image.size
-    scale = resolution_px / min(w, h)
-    if (w, h) != (resolution_px, resolution_px):
-        image = image.resize((max(resolution_px, round(w * scale)), max(resolution_px, round(h * scale))), resample)
-    w, h = image.size
-    left, top = (w - resolution_px) // 2, (h - resolution_px) // 2
-    return image.crop((left, top, left + resolution_px, top + resolution_px))
 
 
 def _batched(items: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
@@ -193,7 +167,7 @@ def _encode_batch(batch: list[dict[str, Any]], vae: torch.nn.Module, text: "_Tex
     n = len(batch)
     for i, s in enumerate(batch):
         encoded = {"__key__": s["key"], LATENT: _npy_bytes(stored[i]),
-                   "mask.png": _png_bytes(s["mask"]), "caption.txt": s["caption"].encode("utf-8"),
+                   "mask.png": png_bytes(s["mask"]), "caption.txt": s["caption"].encode("utf-8"),
                    "json": json.dumps(s["record"], sort_keys=True).encode("utf-8")}
         if hflip:
             encoded[LATENT_HFLIP] = _npy_bytes(stored[n + i])
@@ -214,20 +188,13 @@ class _TextEncoder:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> np.ndarray:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = tokenize(self.tokenizer, captions).to(self.device)
         return self.model(ids)[0].half().cpu().numpy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -296,9 +263,9 @@ def _mask_array(value: Any) -> np.ndarray:
     if isinstance(value, (bytes, bytearray)):
         value = Image.open(io.BytesIO(value))
     if isinstance(value, Image.Image):
-        return np.asarray(value.convert("L")) >= 128
+        return mask_array(value)
     array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     array = array.squeeze()
     if array.ndim == 3:  # decoded as RGB: channels first or last
         array = array[0] if array.shape[0] in (3, 4) else array[..., 0]
-    return array >= (128 if array.dtype == np.uint8 else 0.5)
+    return array >= (MASK_THRESHOLD if array.dtype == np.uint8 else 0.5)

@@ -1,4 +1,4 @@
-"""Reading images, masks and data sets for `defect-ds generate` and `defect-ds evaluate`.
+"""The one reader of shards and sample folders, and of images and masks for generate and evaluate.
 
 A data set here is any of: training shards (`defect-ds prepare`), a `defect-ds generate` output
 folder (its samples/), or a folder of images (one subfolder per defect type). Masks for generation
@@ -16,21 +16,17 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+import webdataset as wds
 from PIL import Image
 
-log = logging.getLogger("defect_ds.generate.pipeline")
+from defect_ds.data.sample import MASK_THRESHOLD, mask_array
+from defect_ds.data.shards import MANIFEST, read_manifest
+from defect_ds.data.transforms import fit_square
+
+log = logging.getLogger("defect_ds.data")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 MaskPool = dict[str, list[tuple[np.ndarray, str, str]]]  # defect type or "*" -> [(mask, origin, category)]
-
-
-def fit_square(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
-    """Resize the short side to `size`, then centre-crop to size x size."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _open(data: bytes | str | Path) -> Image.Image:
@@ -38,18 +34,21 @@ def _open(data: bytes | str | Path) -> Image.Image:
 
 
 def load_rgb(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
-    image = _open(data).convert("RGB")
-    if size is not None and image.size != (size, size):
-        image = fit_square(image, size)
-    return np.asarray(image, dtype=np.uint8).copy()
+    """A uint8 (H, W, 3) image, made size x size as the training loader does (see `data/transforms.py`)."""
+    image = np.asarray(_open(data).convert("RGB"), dtype=np.uint8)
+    if size is not None and image.shape[:2] != (size, size):
+        fitted, _ = fit_square(torch.from_numpy(image.copy()).permute(2, 0, 1), None, size)
+        image = fitted.permute(1, 2, 0).numpy()
+    return image.copy()
 
 
 def load_mask(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
-    """A uint8 0/1 (H, W) mask from a PNG (values above 127 are defect), centre-cropped like its image."""
-    image = _open(data).convert("L")
-    if size is not None and image.size != (size, size):
-        image = fit_square(image, size, Image.NEAREST)
-    return (np.asarray(image) > 127).astype(np.uint8)
+    """A uint8 0/1 (H, W) mask from a PNG, resized and cropped as its image is."""
+    mask = mask_array(_open(data)).astype(np.uint8)
+    if size is not None and mask.shape != (size, size):
+        _, fitted = fit_square(None, torch.from_numpy(mask)[None], size)
+        mask = fitted[0].numpy()
+    return np.ascontiguousarray(mask)
 
 
 def fit_defect_mask(data: bytes | str | Path, size: int) -> tuple[np.ndarray, bool]:
@@ -60,7 +59,7 @@ def fit_defect_mask(data: bytes | str | Path, size: int) -> tuple[np.ndarray, bo
     resizing can drop a defect thinner than the scale step; such a mask is resized by max instead
     (a pixel is defect when any source pixel under it is), so a defect never vanishes.
     """
-    binary = (np.asarray(_open(data).convert("L")) > 127)
+    binary = mask_array(_open(data))
     if not binary.any():
         return np.zeros((size, size), np.uint8), False
     h, w = binary.shape
@@ -74,17 +73,39 @@ def fit_defect_mask(data: bytes | str | Path, size: int) -> tuple[np.ndarray, bo
     image = Image.fromarray(binary.astype(np.uint8) * 255)
     for resample in (Image.NEAREST, Image.BOX):  # BOX then > 0 is a max resize
         resized = np.asarray(image.resize((new_w, new_h), resample))[top:top + size, left:left + size]
-        mask = (resized > (127 if resample == Image.NEAREST else 0)).astype(np.uint8)
+        mask = (resized >= (MASK_THRESHOLD if resample == Image.NEAREST else 1)).astype(np.uint8)
         if mask.any():
             break
     return mask, True
 
 
-def shard_files(folder: Path, splits: tuple[str, ...] | None = None) -> list[Path]:
-    files = sorted(folder.glob("*.tar"))
-    if splits is not None:
-        files = [f for f in files if f.name.split("-")[0] in splits]
-    return files
+def shard_paths(folder: Path, manifest: dict, splits: tuple[str, ...] | None = None) -> list[tuple[str, Path]]:
+    """(split, path) of every shard the manifest lists ({split: [{"name": ...} or name]} or [name]), in its
+    order; a listed shard that is missing is an error naming it."""
+    listed = manifest["shards"]
+    if isinstance(listed, dict):
+        items = [(split, info["name"] if isinstance(info, dict) else info)
+                 for split, infos in listed.items() for info in infos]
+    else:
+        items = [(str(name).split("-")[0], name) for name in listed]
+    out = [(split, Path(folder) / name) for split, name in items if splits is None or split in splits]
+    missing = [str(path) for _, path in out if not path.is_file()]
+    if missing:  # the loader checks this on every rank before any rank starts, so all of them stop together
+        raise FileNotFoundError(f"Shard {missing[0]} is listed in the manifest but missing; re-run "
+                                "`defect-ds prepare` for that folder.")
+    return out
+
+
+def read_shards(paths: list[Path]) -> Iterator[dict]:
+    """The raw samples (file name -> bytes, plus __key__ and __url__) of the shards, in order."""
+    return iter(wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False))
+
+
+def _folder_shards(folder: Path, splits: tuple[str, ...] | None) -> list[Path]:
+    """A folder's shards: those its manifest lists, else every .tar in it."""
+    if (folder / MANIFEST).is_file():
+        return [path for _, path in shard_paths(folder, read_manifest(folder), splits)]
+    return [f for f in sorted(folder.glob("*.tar")) if splits is None or f.name.split("-")[0] in splits]
 
 
 def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Iterator[dict]:
@@ -94,17 +115,15 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
     "kind" ("shards", "folder" or "images")}.
     Plain image folders: the defect type is the image's parent folder name ("all" at the top).
     """
-    import webdataset as wds
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a shards folder, a generated folder or "
                                 "a folder of images.")
     if (path / "samples").is_dir():
         path = path / "samples"
-    shards = shard_files(path, splits) if path.is_dir() else [path]
+    shards = _folder_shards(path, splits) if path.is_dir() else [path]
     if shards and shards[0].suffix == ".tar":
-        for sample in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
+        for sample in read_shards(shards):
             meta = json.loads(sample["json"]) if "json" in sample else {}
             yield {"key": sample["__key__"], "image": sample["image.png"], "mask": sample.get("mask.png"),
                    "meta": meta, "source": sample.get("source.png"), "kind": "shards"}

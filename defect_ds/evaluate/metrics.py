@@ -30,6 +30,7 @@ import torch
 
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 from defect_ds.evaluate.report import markdown_report, save_pair_grid
+from defect_ds.utils.device import resolve_device
 
 ENV_INCEPTION = "DEFECT_DS_INCEPTION_WEIGHTS"
 ENV_LPIPS = "DEFECT_DS_LPIPS_WEIGHTS"
@@ -293,7 +294,7 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
 
     weights = resolve_inception_weights(inception_weights)  # fail before any image is read
     lpips_dir = lpips_weights or os.environ.get(ENV_LPIPS)
-    cuda = (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda")
+    cuda = resolve_device(device).type == "cuda"
     cache_dir = Path(cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "defect_ds" / "fidelity")
     out_dir = Path(out_dir)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from defect_ds.data.sample import mask_array
+
 OVERLAY_RGB = (255, 40, 40)
 
 
@@ -84,7 +86,7 @@ def _rgb(path: Path) -> np.ndarray:
 
 
 def _mask(path: Path) -> np.ndarray:
-    return (np.asarray(Image.open(path).convert("L")) > 127).astype(np.uint8)
+    return mask_array(Image.open(path)).astype(np.uint8)
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -20,15 +20,17 @@ from defect_ds.data.reader import load_mask_pool, load_sources
 from defect_ds.evaluate.report import save_sample_grid
 from defect_ds.generate.masks import KINDS
 from defect_ds.generate.output import check_resume, sample_done, write_sample, write_shards
-from defect_ds.generate.pipeline import SCHEDULERS, build_pipeline, generate_batch, resolve_device, set_scheduler
+from defect_ds.generate.pipeline import SCHEDULERS, build_pipeline, generate_batch, set_scheduler
 from defect_ds.generate.spec import DEFAULT_PROMPT, MASK_SOURCES, MODES, GenerationSettings, plan_samples
+from defect_ds.utils.device import resolve_device, resolve_dtype
 
 # ---- the command -----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    device, dtype = resolve_device(args.device, args.precision)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
     pipe, tokens, info = build_pipeline(run=args.run, base_model=args.base_model, lora=args.lora,
                                         embeddings=args.embeddings, device=device, dtype=dtype,
                                         mask_gating=not args.no_mask_gating, mask_resize=args.mask_resize)

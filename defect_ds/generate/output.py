@@ -10,16 +10,17 @@ that a resumed run must match.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from defect_ds.data.sample import png_bytes
 from defect_ds.data.shards import ShardWriter, build_manifest, write_manifest
 from defect_ds.evaluate.metrics import mask_localisation
 from defect_ds.generate.spec import GenerationSettings, SampleSpec
+from defect_ds.utils.files import atomic_folder
 
 SETTINGS_FILE = "generation.json"
 IGNORED_ON_RESUME = ("precision",)  # bf16 on a GPU, fp32 on a CPU: a resume may move between them
@@ -32,25 +33,22 @@ def sample_done(out_dir: Path, key: str) -> bool:
 def write_sample(out_dir: Path, spec: SampleSpec, image: np.ndarray, settings: GenerationSettings,
                  raw: np.ndarray | None = None) -> Path:
     """Writes samples/<key>/ under a temporary name and renames it, so a folder that exists is complete."""
-    final = out_dir / "samples" / spec.key
-    tmp = out_dir / "samples" / f".{spec.key}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    Image.fromarray(image).save(tmp / "image.png")
-    Image.fromarray(spec.mask * 255).save(tmp / "mask.png")
-    (tmp / "caption.txt").write_text(spec.prompt)
     generation = asdict(settings)
     generation.update(prompt=spec.prompt, seed=spec.seed, token=spec.token, mask_origin=spec.mask_origin,
                       source_image=spec.source_origin)
-    if spec.source is not None:
-        Image.fromarray(spec.source).save(tmp / "source.png")
-        if raw is not None:  # how well the model alone kept to the mask; after compositing it is 1.0
-            generation["mask_localisation_before_composite"] = mask_localisation(raw, spec.source, spec.mask)
+    if spec.source is not None and raw is not None:  # how well the model alone kept to the mask; after
+        # compositing it is 1.0
+        generation["mask_localisation_before_composite"] = mask_localisation(raw, spec.source, spec.mask)
     meta = {"category": spec.category, "defect_type": spec.defect_type, "source": "generated",
             "split": "train", "size": list(image.shape[1::-1]), "generation": generation}
-    (tmp / "json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = out_dir / "samples" / spec.key
+    with atomic_folder(final) as tmp:
+        (tmp / "image.png").write_bytes(png_bytes(Image.fromarray(image)))
+        (tmp / "mask.png").write_bytes(png_bytes(Image.fromarray(spec.mask * 255)))
+        (tmp / "caption.txt").write_text(spec.prompt)
+        if spec.source is not None:
+            (tmp / "source.png").write_bytes(png_bytes(Image.fromarray(spec.source)))
+        (tmp / "json").write_text(json.dumps(meta, indent=2) + "\n")
     return final
 
 
@@ -63,9 +61,15 @@ def write_shards(out_dir: Path, tokens: dict[str, str], shard_size: int, extra: 
     """
     out_dir = Path(out_dir)
     folders = sorted(p.parent for p in (out_dir / "samples").glob("*/json"))
-    tmp = out_dir / "shards.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    final = out_dir / "shards"
+    with atomic_folder(final) as tmp:
+        shards = _write_shard_files(tmp, folders, tokens, shard_size, extra)
+    return [final / info["name"] for infos in shards.values() for info in infos]
+
+
+def _write_shard_files(tmp: Path, folders: list[Path], tokens: dict[str, str], shard_size: int,
+                       extra: dict | None) -> dict[str, list[dict]]:
+    """The shards and manifest of the sample folders, written into `tmp`; returns the shard lists."""
     writer = ShardWriter(tmp, max_samples=shard_size)
     try:
         for folder in folders:
@@ -86,13 +90,7 @@ def write_shards(out_dir: Path, tokens: dict[str, str], shard_size: int, extra: 
     manifest = build_manifest(shards, defect_tokens={t: tok for t, tok in sorted(tokens.items()) if t in present},
                               categories=categories, created_by="defect-ds generate", **(extra or {}))
     write_manifest(tmp, manifest)
-    final, old = out_dir / "shards", out_dir / "shards.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return [final / info["name"] for infos in shards.values() for info in infos]
+    return shards
 
 
 def check_resume(out_dir: Path, settings: GenerationSettings) -> None:

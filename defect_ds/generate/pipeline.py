@@ -26,14 +26,6 @@ from defect_ds.train.export import find_export, load_export, read_export_meta
 SCHEDULERS = ("ddim", "dpm++", "euler")
 
 
-def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
-    return torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
 def set_scheduler(pipe, name: str) -> None:
     """Replaces the pipeline's scheduler, keeping the model's noise schedule."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler

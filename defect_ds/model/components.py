@@ -1,4 +1,4 @@
-"""Builds the Stable Diffusion parts from any local diffusers folder and decides what trains.
+"""Loads and checks the Stable Diffusion parts of any local diffusers folder, and decides what trains.
 
     python -c "from defect_ds.model.components import check_model_dir; check_model_dir('work/tiny-sd')"
 """
@@ -27,6 +27,7 @@ WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
 }
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+UNET_MODES = ("lora", "full", "frozen")
 
 
 @dataclass
@@ -93,16 +94,8 @@ def set_trainable(unet: nn.Module, text_encoder: nn.Module, unet_mode: str) -> l
     Learned token vectors (textual inversion) are parameters of their own embedding wrapper and
     always train when present; the rest of the text encoder and the whole VAE never train.
     """
-    unet.requires_grad_(False)
+    set_unet_trainable(unet, unet_mode)
     text_encoder.requires_grad_(False)
-    if unet_mode == "full":
-        unet.requires_grad_(True)
-    elif unet_mode == "lora":
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(True)
-    elif unet_mode != "frozen":
-        raise ValueError(f"model.unet_mode={unet_mode!r} is invalid: use lora, full or frozen.")
     for name, p in text_encoder.named_parameters():
         if name.endswith("token_embedding.learned_vectors"):
             p.requires_grad_(True)
@@ -110,6 +103,23 @@ def set_trainable(unet: nn.Module, text_encoder: nn.Module, unet_mode: str) -> l
     for p in params:
         p.data = p.data.float()
     return params
+
+
+def set_unet_trainable(unet: nn.Module, unet_mode: str) -> None:
+    """The UNet's part of `set_trainable`; FLOP counting calls it alone on a meta-device UNet."""
+    if unet_mode not in UNET_MODES:
+        raise ValueError(f"model.unet_mode={unet_mode!r} is invalid: use lora, full or frozen.")
+    unet.requires_grad_(unet_mode == "full")
+    if unet_mode == "lora":
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (B, 77) of captions, padded and cut to the text encoder's context, as training sees them."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def unet_param_count(unet_config: dict) -> int:

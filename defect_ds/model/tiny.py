@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from defect_ds.utils.files import atomic_folder
+
 # Configs of runwayml/stable-diffusion-v1-5, written out so nothing is fetched.
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -136,9 +138,8 @@ def make_model_folder(out_dir: str | Path, arch: str = "tiny", seed: int = 0) ->
         vae=AutoencoderKL(**vae_cfg), text_encoder=text_encoder, tokenizer=tokenizer,
         unet=UNet2DConditionModel(**unet_cfg), scheduler=DDPMScheduler(**SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(out_dir)  # a folder with model_index.json is always complete
+    with atomic_folder(out_dir) as tmp:  # a folder with model_index.json is always complete
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return out_dir
 
 

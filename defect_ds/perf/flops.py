@@ -32,9 +32,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from defect_ds.config import LoraConfig
+from defect_ds.model.components import UNET_MODES, add_lora, set_unet_trainable
 from defect_ds.model.tiny import SD15_TEXT, SD15_UNET, SD15_VAE
 
-UNET_MODES = ("lora", "full", "frozen")
 TEXT_SEQUENCE_LENGTH = 77  # CLIP's context: prompts are padded to it
 
 
@@ -151,18 +151,15 @@ def _text_encoder_flops(text_config: Any, n: int, train_embeddings: bool) -> tup
 
 def build_meta_unet(unet_config: Mapping[str, Any], unet_mode: str, lora_rank: int,
                     lora_targets: Sequence[str]) -> torch.nn.Module:
-    """The UNet on the meta device with trainable parameters set as the trainer sets them."""
+    """The UNet on the meta device with adapters and trainable parameters as the trainer sets them."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_public(unet_config))
         if unet_mode == "lora":
-            from peft import LoraConfig
-
-            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets)))
+            add_lora(unet, LoraConfig(rank=lora_rank, alpha=lora_rank, target_modules=list(lora_targets)))
     unet.train()
-    for name, p in unet.named_parameters():
-        p.requires_grad_(unet_mode == "full" or (unet_mode == "lora" and "lora_" in name))
+    set_unet_trainable(unet, unet_mode)
     return unet
 
 

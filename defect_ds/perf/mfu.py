@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from defect_ds.config import LoraConfig, ModelConfig
 from defect_ds.perf.flops import FlopBreakdown, measure_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets. Matched
@@ -133,24 +134,26 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
     return {"peak_mem_alloc_gib": None, "peak_mem_reserved_gib": None, "cpu_max_rss_gib": rss_bytes / GIB}
 
 
-def make_meter(cfg: Any, vae: torch.nn.Module, model: torch.nn.Module, dist_info: Any,
-               manifest: dict | None = None) -> ThroughputMeter:
+def make_meter(model_cfg: ModelConfig, lora_cfg: LoraConfig, resolution_px: int, vae: torch.nn.Module,
+               model: torch.nn.Module, dist_info: Any, manifest: dict | None = None,
+               peak_tflops_override: float = 0.0) -> ThroughputMeter:
     """The meter for a training run: FLOPs measured once from the run's own model configs.
 
-    `cfg` is the RunConfig, `model` the engine's module (with `.unet`, `.text_encoder`,
-    `.text_trains`), `manifest` the training shards' manifest (kind "latents": no VAE per step).
+    `model` is the engine's module (with `.unet`, `.text_encoder`, `.text_trains`), `manifest` the
+    training shards' manifest (kind "latents": no VAE per step), `peak_tflops_override` the
+    logging section's peak_tflops (0: look the device up).
     """
     manifest = manifest or {}
     latents = manifest.get("kind") == "latents"
     text_trains = bool(getattr(model, "text_trains", False))
     flops = measure_flops(
         dict(model.unet.config), dict(vae.config), model.text_encoder.config,
-        resolution_px=cfg.data.resolution_px, unet_mode=cfg.model.unet_mode, lora_rank=cfg.lora.rank,
-        lora_targets=list(cfg.lora.target_modules),
-        activation_checkpointing=cfg.model.activation_checkpointing, train_text_embeddings=text_trains,
+        resolution_px=resolution_px, unet_mode=model_cfg.unet_mode, lora_rank=lora_cfg.rank,
+        lora_targets=list(lora_cfg.target_modules),
+        activation_checkpointing=model_cfg.activation_checkpointing, train_text_embeddings=text_trains,
         latents_precomputed=latents,
         # the trainer reads stored text embeddings instead of running the encoder, unless tokens train
         text_embeddings_precomputed=latents and bool(manifest.get("text_embeddings")) and not text_trains)
     device = dist_info.device
-    peak = peak_tflops(device_name(device), cfg.logging.peak_tflops)
+    peak = peak_tflops(device_name(device), peak_tflops_override)
     return ThroughputMeter(flops, world_size=dist_info.world_size, peak_tflops=peak, device=device)

@@ -28,7 +28,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from typing import Any
 from defect_ds.config import load_config
 from defect_ds.perf.mfu import peak_tflops
 from defect_ds.perf.sweep_report import write_results
+from defect_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO_CONFIGS = {"2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json", "3o": "ds_configs/zero3_offload.json"}
@@ -164,7 +164,7 @@ def point_overrides(point: Point, plan: Plan, profile: bool = False) -> list[str
 
 def launch_command(point: Point, plan: Plan, profile: bool = False) -> list[str]:
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    return [str(deepspeed), "--num_gpus", str(plan.num_gpus), "--master_port", str(_free_port()), "train.py",
+    return [str(deepspeed), "--num_gpus", str(plan.num_gpus), "--master_port", str(free_port()), "train.py",
             "--config", plan.config, *point_overrides(point, plan, profile)]
 
 
@@ -223,12 +223,6 @@ def _remove(path: Path) -> None:
 
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -93,7 +93,7 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], plot_name: str
         f"intervals of {plan.get('interval_steps')} steps; the first {plan.get('warmup_intervals')} interval(s) are "
         "warm-up and not counted). images/s counts all processes; rates are total work over total time of the "
         "measured intervals, (min-max) the spread between them",
-        f"- {peak}; GFLOP/img is the model FLOPs the meter counts per image (`defect_ds/flops.py`: no VAE "
+        f"- {peak}; GFLOP/img is the model FLOPs the meter counts per image (`defect_ds/perf/flops.py`: no VAE "
         "encoder with latents; recompute only in HFU); data wait is the share of time rank 0 waited for batches",
         "- memory: " + ("the CUDA caching allocator's peak allocated / reserved on rank 0 over the measured "
                         "intervals" if cuda else "rank 0's peak resident set size over its whole life "

@@ -1,11 +1,13 @@
-"""DeepSpeed engine checkpoints with a commit marker, retention, exact resume, and gathered exports.
+"""DeepSpeed engine checkpoints with a commit marker, retention and exact resume.
 
 Layout under the run directory:
     checkpoints/step-0000100/   engine state (ZeRO shards, optimizer, LR schedule, client state)
     checkpoints/step-0000100/COMMITTED   written last, by rank 0, after every rank finished saving
-    exports/step-0000100/       LoRA + embeddings at that step (see export.py)
-    export/                     the final export
-A checkpoint folder without COMMITTED (an interrupted save) is never resumed from.
+A checkpoint folder without COMMITTED (an interrupted save) is never resumed from. The file logic
+(`commit`, `prune`, `committed_checkpoints`, `find_resume_tag`) needs no process group.
+
+    python -c "from pathlib import Path; from defect_ds.train.checkpoint import find_resume_tag as f; \
+print(f(Path('runs/default/checkpoints'), 'latest'))"
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from defect_ds.model.textual_inversion import learned_embeddings
-from defect_ds.train.export import lora_state_dict, write_export
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -67,15 +67,26 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's files are on disk before the marker says so
     if is_main:
-        (ckpt_dir / tag / COMMIT_MARKER).write_text(f"{step}\n")
-        done = committed_checkpoints(ckpt_dir)
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in ckpt_dir.glob("step-*"):  # interrupted saves older than the newest commit
-            if not (stale / COMMIT_MARKER).exists() and stale.name < done[-1].name:
-                shutil.rmtree(stale, ignore_errors=True)
+        commit(ckpt_dir, step)
+        prune(ckpt_dir, keep_last)
     dist.barrier()
     return ckpt_dir / tag
+
+
+def commit(ckpt_dir: Path, step: int) -> None:
+    """Marks the checkpoint of `step` complete; call it only once every rank has saved."""
+    (ckpt_dir / tag_for(step) / COMMIT_MARKER).write_text(f"{step}\n")
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keeps the newest `keep_last` committed checkpoints and deletes the others, and every interrupted
+    save older than the newest commit (a newer uncommitted one may still be being written)."""
+    done = committed_checkpoints(ckpt_dir)
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob("step-*"):
+        if done and not (stale / COMMIT_MARKER).exists() and stale.name < done[-1].name:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> dict:
@@ -84,31 +95,3 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> dict:
     if client_state is None:
         raise FileNotFoundError(f"DeepSpeed could not load {ckpt_dir / tag}; the checkpoint is incomplete.")
     return client_state
-
-
-def _gathered(params: list[torch.nn.Parameter], zero_stage: int):
-    """Full parameter values on every rank for the duration (ZeRO-3 shards them), else a no-op."""
-    import contextlib
-
-    if zero_stage == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def export_weights(model, out_dir: Path, *, meta: dict, unet_mode: str, tokens: list[str],
-                   vectors_per_token: int, zero_stage: int, is_main: bool) -> None:
-    """Gathers trainable weights (all ranks take part under ZeRO-3) and rank 0 writes the export."""
-    unet, text_encoder = model.unet, model.text_encoder
-    params = [p for p in unet.parameters() if unet_mode == "full" or p.requires_grad]
-    params += [p for p in text_encoder.parameters() if p.requires_grad]
-    with _gathered(params, zero_stage):
-        if is_main:
-            lora = lora_state_dict(unet) if unet_mode == "lora" else None
-            embeds = learned_embeddings(text_encoder, tokens, vectors_per_token) if tokens else None
-            if lora is not None and any(v.numel() == 0 for v in lora.values()):
-                raise RuntimeError("A gathered LoRA weight is empty; the ZeRO-3 gather did not run.")
-            write_export(out_dir, meta=meta, lora_state=lora, embeddings=embeds,
-                         unet=unet if unet_mode == "full" else None)
-    dist.barrier()

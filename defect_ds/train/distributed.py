@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from defect_ds.config import ConfigError, OptimizerConfig, TrainConfig
+from defect_ds.utils.net import free_port
 
 # Keys the typed config owns; a DeepSpeed file may repeat them only with the same values.
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -31,12 +31,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU); a collective
     that waits longer than `timeout_s` raises instead of hanging."""
@@ -44,7 +38,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
 
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -61,6 +55,15 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank. Decisions read from files (resume, skip a save, skip a sample
+    grid) must agree: a rank that saw the files differently, mid-write or on a slow network
+    filesystem, would take another branch and wait forever in a collective."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _share_cpu_cores() -> None:

@@ -1,11 +1,41 @@
-"""Sample-image grids during training: what the model draws for each defect token right now."""
+"""Sample-image grids during training: what the model draws for each defect token right now.
+
+    deepspeed --num_gpus 2 train.py --config configs/default.toml --logging.sample_every_steps=50
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from defect_ds.config import LoggingConfig
 from defect_ds.model.mask_gating import set_mask
+
+
+class SampleGrids:
+    """Renders `run_dir/samples/step-NNNNNNN.png` from the engine's module (a DefectDiffusionModel)."""
+
+    def __init__(self, cfg: LoggingConfig, out_dir: Path, *, resolution_px: int, seed: int, is_main: bool):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.resolution_px, self.seed, self.is_main = resolution_px, seed, is_main
+
+    def path(self, tag: str) -> Path:
+        return self.out_dir / f"{tag}.png"
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.sample_every_steps) and step % self.cfg.sample_every_steps == 0
+
+    def render(self, model, tag: str) -> None:
+        """Every rank renders (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+        prompts = self.cfg.sample_prompts or [f"a photo with {t}" for t in model.tokens] or ["a photo of a defect"]
+        dtype = model.compute_dtype
+        # frozen weights are stored in the compute dtype: the pipeline runs under the same autocast
+        with torch.autocast(model.vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            render_sample_grid(model.unet, model.text_encoder, model.vae, model.tokenizer, model.noise_scheduler,
+                               [model.prompt_text(p) for p in prompts], resolution_px=self.resolution_px,
+                               steps=self.cfg.sample_steps, seed=self.seed, mask_gating=model.mask_gating,
+                               out_path=self.path(tag) if self.is_main else None)
+        model.unet.train()
 
 
 def centre_mask(resolution_px: int) -> torch.Tensor:
