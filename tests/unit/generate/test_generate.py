@@ -22,10 +22,10 @@ VECTORS = 2  # multi-vector tokens: the prompt's token is expanded by diffusers'
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory):
     """A run directory whose export is what the trainer writes: LoRA (random, non-zero B) + tokens."""
-    from defect_ds.model import textual_inversion
-    from defect_ds.train import export
     from defect_ds.config import LoraConfig, ModelConfig
+    from defect_ds.model import textual_inversion
     from defect_ds.model.components import add_lora, load_components
+    from defect_ds.train import export
 
     torch.manual_seed(0)
     parts = load_components(ModelConfig(pretrained_dir=str(tiny_model_dir)))
@@ -380,9 +380,9 @@ def test_generate_takes_every_export_the_trainer_writes(unet_mode, tiny_model_di
     """The export is written by the trainer's own Exporter and `export_weights` (not by hand)."""
     from types import SimpleNamespace
 
-    from defect_ds.model import textual_inversion
     from defect_ds.config import RunConfig
     from defect_ds.generate.pipeline import build_pipeline
+    from defect_ds.model import textual_inversion
     from defect_ds.model.components import add_lora, load_components, set_trainable
     from defect_ds.train.export import Exporter
 

@@ -11,7 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from defect_ds.config import DataConfig
-from defect_ds.data.latents import encode_shards, transform_latent_sample
+from defect_ds.data.latents import _read_shard, encode_shards, transform_latent_sample
+from defect_ds.data.transforms import transform_image_sample
 
 RES = 64
 
@@ -119,6 +120,34 @@ def test_non_square_images_are_resized_and_centre_cropped(latent_shards):
     # s2 is 96x64: short side already 64, the crop drops 16 px on the left, so the mask moves left by 16
     mask = np.asarray(Image.open(io.BytesIO(samples["s2"]["mask.png"]))) >= 128
     assert mask[10:30, 0:4].all() and not mask[:, 4:].any()
+
+
+def test_precomputed_latents_match_the_ones_the_trainer_encodes_on_the_fly(image_shards, latent_shards, models):
+    """Latent shards encode exactly the pixels the loader gives the VAE (resized, centre-cropped, unflipped)."""
+    vae, _, _ = models
+    stored = read_samples(latent_shards[0])
+    for raw in read_samples(image_shards).values():
+        loaded = transform_image_sample(raw, DataConfig(resolution_px=RES), hflip=False, vflip=False, crop_at=None)
+        with torch.no_grad():
+            mean = vae.encode(loaded["pixel_values"][None]).latent_dist.mean[0]
+        latent = np.load(io.BytesIO(stored[raw["__key__"]]["latent.npy"]))[0]
+        np.testing.assert_allclose(latent, mean.numpy(), atol=2e-3, rtol=2e-3)
+        mask = np.asarray(Image.open(io.BytesIO(stored[raw["__key__"]]["mask.png"]))) >= 128
+        assert np.array_equal(mask, loaded["mask"][0].numpy().astype(bool))
+
+
+@pytest.mark.parametrize("resolution_px", [RES, 40])
+def test_latents_read_images_exactly_as_the_loader_does(image_shards, resolution_px):
+    """Bit for bit, also where the short side is resized (40 px) and for non-square images."""
+    cfg = DataConfig(resolution_px=resolution_px)
+    raws = {raw["__key__"]: raw for raw in read_samples(image_shards).values()}
+    read = [s for name in ("train-000000.tar", "val-000000.tar") for s in _read_shard(image_shards / name,
+                                                                                    resolution_px)]
+    assert sorted(s["key"] for s in read) == sorted(raws)
+    for s in read:
+        loaded = transform_image_sample(raws[s["key"]], cfg, hflip=False, vflip=False, crop_at=None)
+        assert torch.equal(s["pixels"], loaded["pixel_values"])
+        assert np.array_equal(np.asarray(s["mask"]) >= 128, loaded["mask"][0].numpy().astype(bool))
 
 
 def test_text_embeddings_match_the_text_encoder(latent_shards, models):

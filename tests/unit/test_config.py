@@ -5,7 +5,7 @@ import pytest
 
 from defect_ds.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_validate():

@@ -5,7 +5,7 @@ import pytest
 from defect_ds.config import ConfigError, OptimizerConfig, TrainConfig
 from defect_ds.train.distributed import build_ds_config, zero_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])

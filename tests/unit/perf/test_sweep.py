@@ -13,30 +13,30 @@ import sys
 import pytest
 from PIL import Image
 
-from defect_ds.perf import sweep as bench
+from defect_ds.perf import sweep
 from defect_ds.perf.sweep_report import config_diff, write_results
 from defect_ds.config import ConfigError, load_config
 
 AXES = dict(zero="2,3,3o", accum="1,2", micro_batch="4,8", checkpointing="on,off", latents="off,on")
 
 
-def make_plan(tmp_path, **overrides) -> bench.Plan:
+def make_plan(tmp_path, **overrides) -> sweep.Plan:
     values = dict(config="configs/default.toml", model_dir="work/tiny-sd", images_dir="data/img",
                   latents_dir="data/lat", resolution_px=64, precision="fp32", num_gpus=2, interval_steps=4,
                   warmup_intervals=1, measure_intervals=2, work_dir=str(tmp_path / "runs"), extra_overrides=[])
     values.update(overrides)
-    return bench.Plan(**values)
+    return sweep.Plan(**values)
 
 
 def test_product_grid_holds_every_combination_once():
-    points = bench.expand_grid(bench.parse_axes(**AXES), "product")
+    points = sweep.expand_grid(sweep.parse_axes(**AXES), "product")
     assert len(points) == 3 * 2 * 2 * 2 * 2 == len(set(points)) == len({p.name for p in points})
 
 
 def test_around_base_changes_one_axis_at_a_time():
-    points = bench.expand_grid(bench.parse_axes(**AXES), "around-base")
+    points = sweep.expand_grid(sweep.parse_axes(**AXES), "around-base")
     base = points[0]
-    assert base == bench.Point("2", 1, 4, True, False)
+    assert base == sweep.Point("2", 1, 4, True, False)
     assert len(points) == 1 + 2 + 1 + 1 + 1 + 1
     for point in points[1:]:
         changed = [f.name for f in dataclasses.fields(point) if getattr(point, f.name) != getattr(base, f.name)]
@@ -47,13 +47,13 @@ def test_around_base_changes_one_axis_at_a_time():
                                          ("checkpointing", "maybe"), ("latents", "")])
 def test_bad_axis_values_are_refused_with_the_flag_named(field, value):
     with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
-        bench.parse_axes(**{**AXES, field: value})
+        sweep.parse_axes(**{**AXES, field: value})
 
 
 def test_point_settings_resolve_to_a_valid_config(tmp_path):
     plan = make_plan(tmp_path, extra_overrides=["--model.channels_last=true"])
-    point = bench.Point("3o", 2, 8, False, True)
-    cfg = load_config(plan.config, bench.point_overrides(point, plan))
+    point = sweep.Point("3o", 2, 8, False, True)
+    cfg = load_config(plan.config, sweep.point_overrides(point, plan))
     assert cfg.train.ds_config == "ds_configs/zero3_offload.json"
     assert (cfg.train.grad_accum_steps, cfg.train.micro_batch_size) == (2, 8)
     assert not cfg.model.activation_checkpointing and cfg.model.channels_last
@@ -66,7 +66,7 @@ def test_point_settings_resolve_to_a_valid_config(tmp_path):
 
 def test_a_profiled_point_gets_an_extra_interval_outside_the_measured_steps(tmp_path):
     plan = make_plan(tmp_path)
-    cfg = load_config(plan.config, bench.point_overrides(bench.Point("2", 1, 4, True, False), plan, profile=True))
+    cfg = load_config(plan.config, sweep.point_overrides(sweep.Point("2", 1, 4, True, False), plan, profile=True))
     first, last = plan.measured_steps
     assert cfg.logging.profile_at_step == last + 1
     assert cfg.train.max_steps == last + plan.interval_steps
@@ -85,7 +85,7 @@ def test_summary_is_total_work_over_total_time():
              "data_wait_share": 0.0, "peak_mem_alloc_gib": 3.0, "loss": 0.5},
             {"step": 12, "images_per_s": 2.0, "step_time_s": 4.0, "tflops_per_device": 0.5, "mfu": 0.05,
              "data_wait_share": 0.5, "peak_mem_alloc_gib": 5.0, "loss": 0.4}]
-    m = bench.summarise(rows, world_size=2)
+    m = sweep.summarise(rows, world_size=2)
     # equal samples per interval (8 and 2 images/s over 1 s and 4 s steps): 16 samples in 5 s
     assert m["images_per_s"] == pytest.approx(16 / 5)
     assert (m["images_per_s_min"], m["images_per_s_max"]) == (2.0, 8.0)
@@ -107,12 +107,12 @@ def test_summary_is_total_work_over_total_time():
      "RuntimeError: Error building extension 'cpu_adam'"),
 ])
 def test_the_failure_line_is_found_in_the_log(log, expected):
-    assert bench.error_from_log(log).startswith(expected)
+    assert sweep.error_from_log(log).startswith(expected)
 
 
 def fabricated_results() -> tuple[list[dict], dict]:
     config = {"model": {"activation_checkpointing": True}, "train": {"ds_config": "ds_configs/zero2.json"}}
-    ok = {"name": "z2_a1_mb4_ckpt_img", "point": dataclasses.asdict(bench.Point("2", 1, 4, True, False)),
+    ok = {"name": "z2_a1_mb4_ckpt_img", "point": dataclasses.asdict(sweep.Point("2", 1, 4, True, False)),
           "status": "ok", "error": None, "command": "deepspeed ...", "run_dir": "work/bench/x",
           "measured_steps": [5, 12], "load_avg_1min": [1.0, 1.2], "config": config, "profile_trace": "t.json",
           "metrics": {"images_per_s": 21.5, "images_per_s_min": 20.0, "images_per_s_max": 23.0,
@@ -120,7 +120,7 @@ def fabricated_results() -> tuple[list[dict], dict]:
                       "data_wait_share": 0.01, "peak_mem_alloc_gib": 11.2, "peak_mem_reserved_gib": 12.9,
                       "model_gflop_per_image": 7.0}}
     failed = dict(ok, name="z3o_a1_mb4_ckpt_img", status="failed", metrics={}, profile_trace=None,
-                  point=dataclasses.asdict(bench.Point("3o", 1, 4, True, False)),
+                  point=dataclasses.asdict(sweep.Point("3o", 1, 4, True, False)),
                   error="RuntimeError: Error building extension 'cpu_adam'",
                   config={"model": {"activation_checkpointing": True},
                           "train": {"ds_config": "ds_configs/zero3_offload.json"}})
@@ -178,7 +178,7 @@ def test_defect_ds_bench_is_registered_and_dry_runs(capsys):
     from defect_ds.cli import build_parser, main
 
     args = build_parser().parse_args(["bench", "--zero", "2,3", "--grid", "around-base"])
-    assert args.func is bench.run
+    assert args.func is sweep.run
     assert main(["bench", "--zero", "2,3", "--latents", "off,on", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("deepspeed --num_gpus") == 4 and "z3_a1_mb4_ckpt_lat" in out
@@ -194,7 +194,7 @@ def test_one_tiny_point_runs_under_deepspeed_and_is_measured(tiny_model_dir, tmp
                    capture_output=True)
     plan = make_plan(tmp_path, model_dir=str(tiny_model_dir), images_dir=str(data), interval_steps=1,
                      extra_overrides=["--data.num_workers=0"], timeout_s=600)
-    result = bench.run_point(bench.Point("2", 1, 2, True, False), plan, env, profile=True)
+    result = sweep.run_point(sweep.Point("2", 1, 2, True, False), plan, env, profile=True)
     assert result["status"] == "ok", result["error"]
     assert [r["step"] for r in result["intervals"]] == [1, 2, 3, 4]  # warm-up, 2 measured, profiled
     assert result["metrics"]["images_per_s"] > 0 and result["metrics"]["tflops_per_device"] > 0

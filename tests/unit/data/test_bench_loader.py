@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loader.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_loader.py"
 
 
 def test_bench_loader_writes_a_results_table(tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from defect_ds.utils.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -48,7 +43,7 @@ def common_args(model: Path, data: Path, run_dir: Path, **overrides) -> list[str
 
 
 def deepspeed_train(args: list[str], nprocs: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
            str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -125,7 +120,7 @@ def test_zero3_trains_only_new_rows_and_exports_load_into_stock_pipeline(tiny_mo
     args = common_args(tiny_model_dir, data_dir, run, train__max_steps=3, checkpoint__every_steps=0,
                        train__ds_config="ds_configs/zero3.json", optimizer__learning_rate=5e-2,
                        textual_inversion__learning_rate=5e-1, optimizer__warmup_steps=0)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), *args]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check = json.loads((run / "zero3_check.json").read_text())
@@ -190,7 +185,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, data_dir,
 def test_two_nodes_on_one_machine(tiny_model_dir, data_dir, tmp_path):
     run = tmp_path / "two-nodes"
     args = common_args(tiny_model_dir, data_dir, run, train__max_steps=2, checkpoint__every_steps=0)
-    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(_free_port())}
+    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port())}
     result = subprocess.run([str(ROOT / "launch" / "two_nodes_local.sh"), "configs/default.toml", *args],
                             env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -207,7 +202,7 @@ def test_torchrun_launch_bf16_with_samples_and_tensorboard(tiny_model_dir, data_
                        train__precision="bf16", train__ds_config="ds_configs/zero3.json",
                        logging__sample_every_steps=1, logging__sample_steps=2, logging__tensorboard="true",
                        logging__progress_bar="true")
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -237,7 +232,7 @@ def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, tmp_pat
     run = tmp_path / "fail"
     args = common_args(tiny_model_dir, data, run, train__max_steps=6, checkpoint__every_steps=0,
                        data__bad_sample_policy="fail", data__split_by="shard", train__collective_timeout_s=60)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "train.py"),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
            *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode != 0
