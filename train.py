@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    # torch and the library load only once the config is valid: a bad setting fails in a second
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
-    from defect_ds.distributed import init_distributed
-    from defect_ds.trainer import Trainer, TrainingDiverged
+    from defect_ds.train.distributed import init_distributed
+    from defect_ds.train.monitors import TrainingDiverged
+    from defect_ds.train.trainer import Trainer
 
     dist_info = init_distributed(cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, dist_info)

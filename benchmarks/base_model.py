@@ -21,7 +21,7 @@ import diffusers
 import numpy as np
 import torch
 
-from defect_ds.bench import cpu_name
+from defect_ds.perf.sweep import cpu_name
 from defect_ds.data.synthetic import CATEGORIES, DEFECT_TYPES, draw_sample
 
 

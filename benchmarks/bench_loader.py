@@ -24,11 +24,11 @@ import torch
 import torchvision
 import webdataset
 
-from defect_ds.bench import cpu_name
 from defect_ds.config import DataConfig
 from defect_ds.data.loader import build_loader
 from defect_ds.data.prepare import WriteOptions, synthetic_jobs, write_dataset
 from defect_ds.data.synthetic import DEFECT_TYPES
+from defect_ds.perf.sweep import cpu_name
 
 TOKENS = {t: f"sks_{t}" for t in DEFECT_TYPES}
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_ds.bench import cpu_name
+from defect_ds.perf.sweep import cpu_name
 from defect_ds.downstream.arms import ArmSampler
 from defect_ds.downstream.cli import load_pairs
 from defect_ds.downstream.segmenter import predict, train_segmenter
-from defect_ds.sample_io import iter_dataset, load_mask, load_rgb
+from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 
 
 def main() -> int:

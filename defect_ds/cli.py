@@ -1,36 +1,30 @@
-"""The `defect-ds` command: one subcommand per job, each defined by the module that does the work.
+"""The `defect-ds` command: one subcommand per job, each defined by the area that does the work.
 
     defect-ds --help
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# module -> function(subparsers) that adds its subcommand(s); each sets `func(args) -> int | None`.
-COMMANDS = [
-    ("defect_ds.tiny_model_cli", "add_command"),
-    ("defect_ds.data.prepare", "add_command"),
-    ("defect_ds.generation", "add_command"),
-    ("defect_ds.evaluation", "add_command"),
-    ("defect_ds.bench", "add_command"),
-    ("defect_ds.pretrain.cli", "add_command"),
-    ("defect_ds.downstream.cli", "add_command"),
-]
+from defect_ds.data import prepare
+from defect_ds.downstream import cli as downstream_cli
+from defect_ds.evaluate import cli as evaluate_cli
+from defect_ds.generate import cli as generate_cli
+from defect_ds.model import tiny
+from defect_ds.perf import sweep
+from defect_ds.pretrain import cli as pretrain_cli
+
+# Each adds its subcommand(s) to the parser; each subcommand sets `func(args) -> int | None`.
+COMMANDS = (tiny.add_command, prepare.add_command, pretrain_cli.add_command, generate_cli.add_command,
+            evaluate_cli.add_command, downstream_cli.add_command, sweep.add_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defect-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module_name, function in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # a subcommand whose module is not part of this build
-        getattr(module, function)(sub)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 

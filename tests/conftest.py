@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random-weight Stable Diffusion folder in the real diffusers layout."""
-    from defect_ds.tiny_model import make_model_folder
+    from defect_ds.model.tiny import make_model_folder
 
     return make_model_folder(tmp_path_factory.mktemp("models") / "tiny-sd")
 

@@ -12,14 +12,13 @@ import csv
 import hashlib
 import json
 import random
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from defect_ds.data.sample import (DEFAULT_MAX_IMAGE_PIXELS, GOOD, BadSampleError, Sample, empty_mask,
-                                   full_mask, open_image, to_binary_mask, to_rgb)
+                                   full_mask, open_image, sanitise_key, to_binary_mask, to_rgb)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MissingMask = Literal["empty", "full"]
@@ -33,10 +32,6 @@ class SourceItem:
     category: str
     defect_type: str
     caption: str | None = None  # None: made from the caption template of the defect type
-
-
-def sanitise_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
 
 
 def mvtec_items(root: str | Path, category: str) -> list[SourceItem]:

@@ -30,17 +30,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import default_collate
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from defect_ds.config import DataConfig
-from defect_ds.data.sample import BadSampleError, read_sample_bytes
+from defect_ds.data.latents import transform_latent_sample
+from defect_ds.data.reader import shard_paths
+from defect_ds.data.sample import BadSampleError
 from defect_ds.data.shards import read_manifest
+from defect_ds.data.transforms import transform_image_sample
 
 log = logging.getLogger("defect_ds.data")
 POOL_FOR_PADDING = 256  # recent raw samples kept to pad a short rank stream
@@ -81,11 +80,7 @@ def plan_epoch(cfg: DataConfig, world_size: int) -> EpochPlan:
     if not shards:
         raise ValueError(f"{cfg.train_shards} has no {cfg.split} shards; set data.split to a split the manifest "
                          "lists or re-run `defect-ds prepare`.")
-    paths = [Path(cfg.train_shards) / s["name"] for s in shards]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:  # checked on every rank before any rank starts, so all of them stop together
-        raise FileNotFoundError(f"Shard {missing[0]} is listed in the manifest but missing; re-run "
-                                "`defect-ds prepare` for that folder.")
+    paths = [path for _, path in shard_paths(Path(cfg.train_shards), manifest, (cfg.split,))]
     counts = manifest["counts"].get(cfg.split, {})
     repeat = repeat_factors(counts, cfg.max_repeat) if cfg.balance == "repeat" else {t: 1 for t in counts}
     sizes = [sum(n * repeat.get(t, 1) for t, n in s.get("counts", {}).items()) if s.get("counts") else s["samples"]
@@ -237,31 +232,6 @@ def augment_decisions(seed: int, epoch: int, key: str, copy: str) -> tuple[bool,
     return bool(h & 1), bool(h >> 1 & 1), (h >> 8 & 0xFFFF) / 65536, (h >> 24 & 0xFFFF) / 65536
 
 
-def transform_image_sample(raw: dict, cfg: DataConfig, hflip: bool, vflip: bool,
-                           crop_at: tuple[float, float] | None) -> dict[str, Any]:
-    """Decode, resize the short side to the resolution, crop (centre or at `crop_at`), flip; image and
-    mask together. The image ends in [-1, 1]; the mask is resized nearest and is exactly 0 or 1."""
-    image, mask, caption, record = read_sample_bytes(raw, cfg.max_image_pixels)
-    res = cfg.resolution_px
-    img = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # uint8 (3, H, W)
-    msk = tv_tensors.Mask(torch.from_numpy(mask).unsqueeze(0).to(torch.uint8))  # (1, H, W), 0 or 1
-    if min(img.shape[-2:]) != res:
-        img, msk = v2.Resize(res, antialias=True)(img, msk)  # a Mask is resized nearest: still 0 or 1
-    height, width = img.shape[-2:]
-    if crop_at is None:
-        top, left = (height - res) // 2, (width - res) // 2
-    else:
-        top, left = int(crop_at[0] * (height - res + 1)), int(crop_at[1] * (width - res + 1))
-    img, msk = F.crop(img, top, left, res, res), F.crop(msk, top, left, res, res)
-    if hflip:
-        img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
-    if vflip:
-        img, msk = F.vertical_flip(img), F.vertical_flip(msk)
-    pixels = F.to_dtype(img, torch.float32, scale=True).as_subclass(torch.Tensor) * 2.0 - 1.0
-    return {"pixel_values": pixels, "mask": msk.as_subclass(torch.Tensor).float(), "caption": caption,
-            "defect_type": str(record.get("defect_type", "?"))}
-
-
 @dataclass
 class _Bad:
     key: str
@@ -281,8 +251,6 @@ class _SampleTransform:
             hflip, vflip, cy, cx = augment_decisions(self.seed, self.epoch, key, raw["__copy__"])
             hflip, vflip = hflip and self.cfg.hflip, vflip and self.cfg.vflip
             if self.kind == "latents":
-                from defect_ds.latents import transform_latent_sample
-
                 out = transform_latent_sample(raw, self.cfg, hflip)
             else:
                 out = transform_image_sample(raw, self.cfg, hflip, vflip, (cy, cx) if self.cfg.random_crop else None)

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from defect_ds.data import importers, synthetic
+from defect_ds.data import importers, latents, synthetic
 from defect_ds.data.captions import (DEFAULT_TOKEN_PREFIX, caption_for, defect_tokens, parse_token_overrides,
                                      read_templates)
 from defect_ds.data.sample import DEFAULT_MAX_IMAGE_PIXELS, GOOD, BadSampleError, Sample
@@ -265,11 +265,4 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--missing-mask", choices=["empty", "full"], default=None,
                    help="mask of a defect image listed without one (default: that is an error)")
     p.set_defaults(func=run_folder)
-
-    try:
-        import defect_ds.latents as latents
-    except ModuleNotFoundError as e:
-        if e.name != "defect_ds.latents":
-            raise
-    else:
-        latents.add_prepare_command(prepare_sub)
+    latents.add_prepare_command(prepare_sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 SAMPLE_FILES = ("image.png", "mask.png", "caption.txt", "json")
 GOOD = "good"  # the defect type of a defect-free image; its mask is empty and it has no token
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192); more is treated as a decompression bomb
+MASK_THRESHOLD = 128  # a mask pixel is defect where its brightness (0..255) is at least this
 
 
 class BadSampleError(ValueError):
@@ -58,6 +60,11 @@ def check_sample(sample: Sample) -> None:
                              f"is {sample.image.size[0]}x{sample.image.size[1]}; give a mask of the image's size.")
     if not sample.caption.strip():
         raise BadSampleError(f"{where}: the caption is empty; give every image a caption or a caption template.")
+
+
+def sanitise_key(text: str) -> str:
+    """A sample key from any text: WebDataset keys may not hold dots, slashes or spaces."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -124,9 +131,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_binary_mask(image: Image.Image) -> Image.Image:
-    """Any mask image becomes mode L with 0 or 255: a pixel is defect where its brightness is >= 128."""
-    gray = np.asarray(image.convert("L"))
-    return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8))
+    """Any mask image becomes mode L with 0 or 255 (see `mask_array`)."""
+    return Image.fromarray(np.where(mask_array(image), 255, 0).astype(np.uint8))
+
+
+def mask_array(image: Image.Image) -> np.ndarray:
+    """A bool (H, W) mask of any mask image: defect where the brightness is >= MASK_THRESHOLD."""
+    return np.asarray(image.convert("L")) >= MASK_THRESHOLD
 
 
 def empty_mask(size: tuple[int, int]) -> Image.Image:
@@ -149,7 +160,7 @@ def read_sample_bytes(raw: dict[str, Any], max_pixels: int = DEFAULT_MAX_IMAGE_P
     if mask_image.size != image.size:
         raise BadSampleError(f"{key}: mask.png is {mask_image.size} but image.png is {image.size}; "
                              "re-run `defect-ds prepare` for that shard.")
-    mask = np.asarray(mask_image.convert("L")) >= 128
+    mask = mask_array(mask_image)
     caption = raw["caption.txt"].decode("utf-8", errors="replace").strip()
     if not caption:
         raise BadSampleError(f"{key} has an empty caption.txt; re-run `defect-ds prepare` for that shard.")

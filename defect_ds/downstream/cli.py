@@ -22,7 +22,7 @@ from defect_ds.downstream.arms import ARMS, ArmSampler, Pairs
 from defect_ds.downstream.scores import score_by_type
 from defect_ds.downstream.segmenter import predict, train_segmenter
 from defect_ds.downstream.split import SPLIT_FILE, split_dataset
-from defect_ds.sample_io import iter_dataset, load_mask, load_rgb
+from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 
 GRID_PER_TYPE = 2
 

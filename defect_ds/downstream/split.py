@@ -16,7 +16,7 @@ from pathlib import Path
 
 from defect_ds.data.sample import GOOD
 from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
-from defect_ds.sample_io import iter_dataset
+from defect_ds.data.reader import iter_dataset
 
 SPLIT_FILE = "split.json"
 

@@ -22,8 +22,8 @@ import torch
 from defect_ds.data.sample import GOOD
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
-from defect_ds.sample_io import iter_dataset, load_rgb
-from defect_ds.tiny_model import SCHEDULER, make_tokenizer
+from defect_ds.data.reader import iter_dataset, load_rgb
+from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 
 STATE = "train_state"
 SAMPLE_SEEDS = 4

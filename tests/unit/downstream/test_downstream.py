@@ -11,7 +11,7 @@ from defect_ds.cli import main
 from defect_ds.downstream.arms import ArmSampler, Pairs, jitter, paste
 from defect_ds.downstream.scores import score, score_by_type
 from defect_ds.downstream.split import choose
-from defect_ds.sample_io import iter_dataset
+from defect_ds.data.reader import iter_dataset
 
 
 @pytest.fixture(scope="module")

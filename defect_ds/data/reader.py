@@ -1,0 +1,210 @@
+"""The one reader of shards and sample folders, and of images and masks for generate and evaluate.
+
+A data set here is any of: training shards (`defect-ds prepare`), a `defect-ds generate` output
+folder (its samples/), or a folder of images (one subfolder per defect type). Masks for generation
+come from a folder of PNGs or from a data set's defect masks; good images to inpaint into come from a
+folder of images or a data set's `good` samples.
+
+    python -c "from defect_ds.data.reader import iter_dataset; print(sum(1 for _ in iter_dataset('work/data')))"
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from defect_ds.data.sample import MASK_THRESHOLD, mask_array
+from defect_ds.data.shards import MANIFEST, read_manifest
+from defect_ds.data.transforms import fit_square
+
+log = logging.getLogger("defect_ds.data")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+MaskPool = dict[str, list[tuple[np.ndarray, str, str]]]  # defect type or "*" -> [(mask, origin, category)]
+
+
+def _open(data: bytes | str | Path) -> Image.Image:
+    return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
+def load_rgb(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
+    """A uint8 (H, W, 3) image, made size x size as the training loader does (see `data/transforms.py`)."""
+    image = np.asarray(_open(data).convert("RGB"), dtype=np.uint8)
+    if size is not None and image.shape[:2] != (size, size):
+        fitted, _ = fit_square(torch.from_numpy(image.copy()).permute(2, 0, 1), None, size)
+        image = fitted.permute(1, 2, 0).numpy()
+    return image.copy()
+
+
+def load_mask(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
+    """A uint8 0/1 (H, W) mask from a PNG, resized and cropped as its image is."""
+    mask = mask_array(_open(data)).astype(np.uint8)
+    if size is not None and mask.shape != (size, size):
+        _, fitted = fit_square(None, torch.from_numpy(mask)[None], size)
+        mask = fitted[0].numpy()
+    return np.ascontiguousarray(mask)
+
+
+def fit_defect_mask(data: bytes | str | Path, size: int) -> tuple[np.ndarray, bool]:
+    """A mask without its image, made size x size so that the defect survives: (uint8 0/1 mask, had defect).
+
+    The short side is scaled to `size` and the square window slides along the long side to the
+    defect's centre (a centre crop would cut off a defect near the edge of a wide mask). Nearest
+    resizing can drop a defect thinner than the scale step; such a mask is resized by max instead
+    (a pixel is defect when any source pixel under it is), so a defect never vanishes.
+    """
+    binary = mask_array(_open(data))
+    if not binary.any():
+        return np.zeros((size, size), np.uint8), False
+    h, w = binary.shape
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    ys, xs = np.nonzero(binary)
+    # the window's top-left in the resized mask, centred on the defect's bounding box, kept inside
+    cy, cx = (ys.min() + ys.max() + 1) / 2 * scale, (xs.min() + xs.max() + 1) / 2 * scale
+    top = int(np.clip(round(cy - size / 2), 0, new_h - size))
+    left = int(np.clip(round(cx - size / 2), 0, new_w - size))
+    image = Image.fromarray(binary.astype(np.uint8) * 255)
+    for resample in (Image.NEAREST, Image.BOX):  # BOX then > 0 is a max resize
+        resized = np.asarray(image.resize((new_w, new_h), resample))[top:top + size, left:left + size]
+        mask = (resized >= (MASK_THRESHOLD if resample == Image.NEAREST else 1)).astype(np.uint8)
+        if mask.any():
+            break
+    return mask, True
+
+
+def shard_paths(folder: Path, manifest: dict, splits: tuple[str, ...] | None = None) -> list[tuple[str, Path]]:
+    """(split, path) of every shard the manifest lists ({split: [{"name": ...} or name]} or [name]), in its
+    order; a listed shard that is missing is an error naming it."""
+    listed = manifest["shards"]
+    if isinstance(listed, dict):
+        items = [(split, info["name"] if isinstance(info, dict) else info)
+                 for split, infos in listed.items() for info in infos]
+    else:
+        items = [(str(name).split("-")[0], name) for name in listed]
+    out = [(split, Path(folder) / name) for split, name in items if splits is None or split in splits]
+    missing = [str(path) for _, path in out if not path.is_file()]
+    if missing:  # the loader checks this on every rank before any rank starts, so all of them stop together
+        raise FileNotFoundError(f"Shard {missing[0]} is listed in the manifest but missing; re-run "
+                                "`defect-ds prepare` for that folder.")
+    return out
+
+
+def read_shards(paths: list[Path]) -> Iterator[dict]:
+    """The raw samples (file name -> bytes, plus __key__ and __url__) of the shards, in order."""
+    return iter(wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False))
+
+
+def _folder_shards(folder: Path, splits: tuple[str, ...] | None) -> list[Path]:
+    """A folder's shards: those its manifest lists, else every .tar in it."""
+    if (folder / MANIFEST).is_file():
+        return [path for _, path in shard_paths(folder, read_manifest(folder), splits)]
+    return [f for f in sorted(folder.glob("*.tar")) if splits is None or f.name.split("-")[0] in splits]
+
+
+def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Iterator[dict]:
+    """Samples of a data set: WebDataset shards, a generated samples/ folder, or a folder of images.
+
+    Yields {"key", "image" (bytes), "mask" (bytes or None), "meta" (dict), "source" (bytes or None),
+    "caption" (str or None), "kind" ("shards", "folder" or "images")}.
+    Plain image folders: the defect type is the image's parent folder name ("all" at the top).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a shards folder, a generated folder or "
+                                "a folder of images.")
+    if (path / "samples").is_dir():
+        path = path / "samples"
+    shards = _folder_shards(path, splits) if path.is_dir() else [path]
+    if shards and shards[0].suffix == ".tar":
+        for sample in read_shards(shards):
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            yield {"key": sample["__key__"], "image": sample["image.png"], "mask": sample.get("mask.png"),
+                   "meta": meta, "source": sample.get("source.png"),
+                   "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else None,
+                   "kind": "shards"}
+        return
+    for folder in sorted(p.parent for p in path.glob("*/json")):
+        meta = json.loads((folder / "json").read_text())
+        if splits is not None and meta.get("split", "train") not in splits:
+            continue
+        yield {"key": folder.name, "image": (folder / "image.png").read_bytes(),
+               "mask": (folder / "mask.png").read_bytes() if (folder / "mask.png").is_file() else None,
+               "meta": meta,
+               "source": (folder / "source.png").read_bytes() if (folder / "source.png").is_file() else None,
+               "caption": (folder / "caption.txt").read_text() if (folder / "caption.txt").is_file() else None,
+               "kind": "folder"}
+    if any(path.glob("*/json")):
+        return
+    for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        defect_type = file.parent.name if file.parent != path else "all"
+        yield {"key": f"{defect_type}/{file.stem}", "image": file.read_bytes(), "mask": None,
+               "meta": {"defect_type": defect_type}, "source": None, "caption": None, "kind": "images"}
+
+
+def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
+    """Masks by defect type from a folder of PNGs (subfolders name types) or a data set's masks.
+
+    A mask with no defect pixel would label a generated defect with nothing: such files are skipped
+    with one warning that counts them (a data set's good samples, empty by design, are skipped silently).
+    """
+    if kind == "procedural":
+        return {}
+    if not path:
+        flag = "--mask-dir" if kind == "files" else "--data"
+        raise ValueError(f"--masks {kind} needs {flag} DIR.")
+    pool: MaskPool = {}
+    empty: list[str] = []
+    if kind == "files":
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--mask-dir {folder} is not a folder; pass a folder of mask PNGs.")
+        for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+            mask, _ = fit_defect_mask(f, size)
+            if not mask.any():
+                empty.append(str(f))
+                continue
+            defect_type = f.parent.name if f.parent != folder else "*"
+            pool.setdefault(defect_type, []).append((mask, str(f), ""))
+    else:
+        for sample in iter_dataset(path):
+            if sample["mask"] is None:
+                continue
+            mask, had_defect = fit_defect_mask(sample["mask"], size)
+            if not mask.any():
+                if had_defect:
+                    empty.append(f"{path}:{sample['key']}")
+                continue
+            meta = sample["meta"]
+            pool.setdefault(meta.get("defect_type", "*"), []).append(
+                (mask, f"{path}:{sample['key']}", meta.get("category", "")))
+    if not pool:
+        first = f" (e.g. {empty[0]})" if empty else ""
+        raise ValueError(f"{path} holds no mask with defect pixels{first}; masks are white (> 127) where the "
+                         "defect is, so pass mask PNGs or a data set with non-empty defect masks.")
+    if empty:
+        log.warning("skipped %d mask(s) of %s with no defect pixels (first: %s)", len(empty), path, empty[0])
+    return pool
+
+
+def load_sources(path: str | None, size: int) -> list[tuple[np.ndarray, str, str]]:
+    """Good images for inpainting: a folder of images, or the defect-free samples of a data set."""
+    if not path:
+        raise ValueError("--mode inpaint needs --sources DIR (good images, or a data set's good samples).")
+    out = []
+    for sample in iter_dataset(path):
+        meta = sample["meta"]
+        is_good = sample["kind"] == "images" or meta.get("defect_type") == "good" or (
+            sample["mask"] is not None and not load_mask(sample["mask"]).any())
+        if is_good:
+            out.append((load_rgb(sample["image"], size), f"{path}:{sample['key']}", meta.get("category", "")))
+    if not out:
+        raise ValueError(f"{path} holds no good (defect-free) images to inpaint into; pass a folder of "
+                         "images or a data set with defect_type 'good' samples.")
+    return out

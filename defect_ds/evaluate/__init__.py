@@ -1,0 +1,1 @@
+"""`defect-ds evaluate`: FID, KID, IS, mask localisation and diversity of generated images."""

@@ -1,0 +1,190 @@
+"""The diffusers pipeline of `defect-ds generate`: trained weights loaded, one batch denoised.
+
+    python -c "from defect_ds.generate.pipeline import build_pipeline; print(build_pipeline(run='runs/default')[1])"
+
+Two modes. text2img: the prompt with the defect's learned token and a mask draw a whole new image;
+the mask gates the LoRA, so the fine-tuned defect appears there. inpaint: a defect is painted into
+a given good image; the latents outside the mask are held to the source's while denoising, and the
+decoded result is composited in pixel space (`mask * generated + (1 - mask) * source`), so every
+pixel outside the mask is the source's, bit for bit, and the mask is an exact label.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from defect_ds.data.captions import DEFAULT_TOKEN_PREFIX
+from defect_ds.generate.spec import GenerationSettings, SampleSpec
+from defect_ds.model.components import check_model_dir
+from defect_ds.model.mask_gating import enable_mask_gating, mask_context
+from defect_ds.train.export import find_export, load_export, read_export_meta
+
+SCHEDULERS = ("ddim", "dpm++", "euler")
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replaces the pipeline's scheduler, keeping the model's noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    config = pipe.scheduler.config
+    if name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config)
+    elif name == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+                                                                 solver_order=2)
+    elif name == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+    else:
+        raise ValueError(f"Unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}.")
+
+
+def build_pipeline(*, run: str | None = None, base_model: str | None = None, lora: str | None = None,
+                   embeddings: list[str] | None = None, device: torch.device = torch.device("cpu"),
+                   dtype: torch.dtype = torch.float32, mask_gating: bool = True,
+                   mask_resize: str | None = None):
+    """A StableDiffusionPipeline with the trained LoRA (or UNet), learned tokens and mask gating loaded.
+
+    Either `run` (a run directory or an export folder; the base model defaults to the one the
+    export names) or `base_model` with `lora` (a .safetensors file or its folder) and/or
+    `embeddings` (see `resolve_embeddings`). Returns (pipe, {defect_type: token}, info) where info
+    records where the weights came from and how the mask gates them.
+    mask_resize: how the gate resizes masks (None: as the export was trained, else nearest).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    meta: dict = {}
+    export_dir = None
+    if run:
+        export_dir = find_export(run)
+        meta = read_export_meta(export_dir)
+        base_model = base_model or meta.get("base_model")
+    elif not (lora or embeddings):
+        raise ValueError("Nothing to generate with: pass --run RUN_DIR, or --base-model with --lora "
+                         "and/or --embeddings.")
+    if not base_model:
+        raise ValueError("No base model: the export names none, so pass --base-model DIR.")
+    check_model_dir(base_model)
+    loose = resolve_embeddings(embeddings or [])  # checked before the (slow) model load
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    lora_file = ""
+    if export_dir is not None:
+        load_export(pipe, export_dir, mask_gating=mask_gating, mask_resize=mask_resize)
+        tokens = dict(meta.get("tokens", {}))
+    else:
+        tokens = {t: token for t, (token, _) in loose.items()}
+        if lora:
+            lora_path = Path(lora)
+            if not lora_path.exists():
+                raise FileNotFoundError(f"--lora {lora} does not exist; pass pytorch_lora_weights.safetensors "
+                                        "or the folder holding it.")
+            if lora_path.is_file():
+                pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
+            else:
+                pipe.load_lora_weights(str(lora_path))
+            lora_file = str(lora_path.resolve())
+            if mask_gating:
+                enable_mask_gating(pipe.unet, mask_resize or "nearest")
+        if loose:
+            pipe.load_textual_inversion(sorted({str(f) for _, f in loose.values()}))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    gate = getattr(pipe.unet, "mask_gate", None)
+    info = {"export": str(export_dir) if export_dir else "", "export_step": meta.get("step"),
+            "base_model": str(Path(base_model).resolve()), "resolution_px": meta.get("resolution_px"),
+            "lora": lora_file, "embeddings": [f"{t}={f.resolve()}" for t, (_, f) in sorted(loose.items())],
+            "mask_gating": gate is not None, "mask_resize": gate.resize if gate is not None else ""}
+    return pipe, tokens, info
+
+
+def resolve_embeddings(items: list[str]) -> dict[str, tuple[str, Path]]:
+    """{defect_type: (token, file)} from --embeddings items: TYPE=FILE, FILE or FOLDER of files.
+
+    Without TYPE=, the defect type comes from the export.json beside the file's folder or above it
+    (its tokens map, defect type -> token), else from the token with the project's token prefix
+    (`sks_crack` -> `crack`, as data/captions.py names tokens); a token that is neither must be named.
+    """
+    out: dict[str, tuple[str, Path]] = {}
+    for item in items:
+        named, sep, rest = item.partition("=")
+        typed = bool(sep) and named and "/" not in named
+        defect_type, path = (named, Path(rest)) if typed else ("", Path(item))
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"--embeddings {item}: no such .safetensors file or folder of them.")
+        if defect_type and len(files) > 1:
+            raise ValueError(f"--embeddings {item}: TYPE= names one file, but {path} holds {len(files)}; "
+                             "give one TYPE=FILE per defect type.")
+        for f in files:
+            token = _token_of(f)
+            found = defect_type or _type_from_export(f, token)
+            if not found and token.startswith(DEFAULT_TOKEN_PREFIX) and len(token) > len(DEFAULT_TOKEN_PREFIX):
+                found = token[len(DEFAULT_TOKEN_PREFIX):]
+            if not found:
+                raise ValueError(f"--embeddings {item}: the defect type of token {token!r} is unknown (no "
+                                 f"export.json beside it, no {DEFAULT_TOKEN_PREFIX!r} prefix); write "
+                                 f"--embeddings TYPE={f}.")
+            if found in out and out[found][1] != f:
+                raise ValueError(f"--embeddings gives defect type {found!r} twice ({out[found][1]} and {f}); "
+                                 "give each type one file.")
+            out[found] = (token, f)
+    return out
+
+
+def _type_from_export(file: Path, token: str) -> str:
+    """The defect type whose token is `token` in an export.json next to or above the file's folder."""
+    for folder in (file.parent, file.parent.parent):
+        try:
+            tokens = read_export_meta(folder).get("tokens", {})
+        except FileNotFoundError:
+            continue
+        return next((t for t, tok in tokens.items() if tok == token), "")
+    return ""
+
+
+def _token_of(path: Path) -> str:
+    """The token a diffusers textual-inversion file defines: its single key (else its file name)."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return path.stem
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    return keys[0] if len(keys) == 1 else path.stem
+
+
+@torch.no_grad()
+def generate_batch(pipe, specs: list[SampleSpec], settings: GenerationSettings, inpaint_pipe=None
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Denoises one batch; returns (image, raw) uint8 (R, R, 3) pairs per sample.
+
+    raw is the decoded image; image is the same composited onto the source when inpainting.
+    """
+    device = pipe.device
+    r = settings.resolution_px
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]  # same noise on any device
+    masks = torch.from_numpy(np.stack([s.mask for s in specs])).float()[:, None]  # (B, 1, R, R)
+    gated = getattr(pipe.unet, "mask_gate", None) is not None
+    kwargs = dict(prompt=[s.prompt for s in specs], negative_prompt=[settings.negative_prompt] * len(specs),
+                  height=r, width=r, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                  generator=generators, output_type="np")
+    with mask_context(pipe.unet, masks.to(device, pipe.unet.dtype)) if gated else contextlib.nullcontext():
+        if settings.mode == "text2img":
+            out = pipe(**kwargs).images
+        else:
+            sources = [Image.fromarray(s.source) for s in specs]
+            mask_images = [Image.fromarray(s.mask * 255) for s in specs]
+            out = inpaint_pipe(image=sources, mask_image=mask_images, strength=settings.strength, **kwargs).images
+    raws = [(np.clip(np.asarray(o, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8) for o in out]
+    if settings.mode == "text2img":
+        return [(raw, raw) for raw in raws]
+    return [(composite(raw, s.source, s.mask), raw) for raw, s in zip(raws, specs)]
+
+
+def composite(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """mask * generated + (1 - mask) * source on uint8 pixels: outside the mask exactly the source."""
+    return np.where(mask[..., None].astype(bool), generated, source)

@@ -1,0 +1,1 @@
+"""The Stable Diffusion parts, what trains, mask gating, learned tokens and the diffusion objective."""

@@ -1,0 +1,145 @@
+"""The model a run trains, built from its config sections, and the diffusion loss of one batch.
+
+    python -c "from defect_ds.config import RunConfig as R; from defect_ds.model.defect_model import build_model; \\
+c = R(); print(build_model(c.model, c.lora, c.textual_inversion, c.loss, tokens=[]))"
+
+`DefectDiffusionModel` is what the DeepSpeed engine wraps: the UNet (with LoRA) and the text encoder
+(with learned tokens). Its `loss` holds the whole objective, as the model classes of
+mosaicml/diffusion do: VAE encoding (or stored latents), noise, timesteps, target, mask-weighted loss.
+The trainer calls it, then runs backward and the optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from defect_ds.config import LoraConfig, LossConfig, ModelConfig, TextualInversionConfig
+from defect_ds.model import objective
+from defect_ds.model.components import add_lora, load_components, set_trainable, tokenize
+from defect_ds.model.mask_gating import enable_mask_gating, set_mask
+from defect_ds.model.textual_inversion import add_tokens, expand_prompt
+
+
+class DefectDiffusionModel(nn.Module):
+    """The UNet and the text encoder as modules; the frozen VAE, tokenizer and noise schedule beside them.
+
+    Only the UNet and the text encoder are submodules: they are what the engine checkpoints and, under
+    ZeRO-3, partitions. The VAE is kept out of the module tree on purpose (the checkpoint format holds
+    no VAE weights).
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, *, vae: nn.Module, tokenizer, noise_scheduler,
+                 loss_cfg: LossConfig, tokens: list[str], vectors_per_token: int, mask_gating: bool,
+                 compute_dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        object.__setattr__(self, "vae", vae)  # not a submodule, see the class docstring
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.loss_cfg = loss_cfg
+        self.tokens = tokens
+        self.vectors_per_token = vectors_per_token
+        self.mask_gating = mask_gating
+        self.compute_dtype = compute_dtype
+        self.autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+        self.channels_last = channels_last
+        self.text_trains = any(p.requires_grad for p in text_encoder.parameters())
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(next(vae.parameters()).device)
+        self.prediction_type = (noise_scheduler.config.prediction_type if loss_cfg.prediction_type == "scheduler"
+                                else loss_cfg.prediction_type)
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
+                mask: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction. text_embeds: precomputed encoder states (latent shards, frozen text
+        encoder) skip the encoder."""
+        device_type = noisy_latents.device.type
+        autocast = (torch.autocast(device_type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            if text_embeds is not None and not self.text_trains:
+                text = text_embeds
+            else:
+                with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
+                    text = self.text_encoder(input_ids)[0]
+            if self.mask_gating:
+                # stays set through backward: checkpointed blocks recompute with the same mask
+                set_mask(self.unet, mask)
+            return self.unet(noisy_latents, timesteps, text).sample
+
+    def loss(self, batch: dict, generator: torch.Generator,
+             denoise: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """The mask-weighted diffusion loss of one batch, a scalar with its graph.
+
+        Noise, timesteps and the VAE sample are drawn from `generator` only, so a step is a function of
+        its seed. `denoise` runs the forward pass: the DeepSpeed engine that wraps this model (default:
+        the model itself)."""
+        device = self.alphas_cumprod.device
+        mask = batch["mask"].to(device, non_blocking=True)
+        latents = self.encode(batch, generator)
+        noise = objective.sample_noise(latents, self.loss_cfg.noise_offset, generator)
+        timesteps = objective.sample_timesteps(latents.shape[0], len(self.alphas_cumprod), generator, device)
+        noisy = objective.add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        target = objective.prediction_target(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+        input_ids = self.token_ids(batch["caption"]).to(device)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        text_embeds = batch.get("text_embeds")
+        if text_embeds is not None:
+            text_embeds = text_embeds.to(device, non_blocking=True)
+        pred = (denoise or self)(noisy, timesteps, input_ids, mask, text_embeds)
+        weights = None
+        if self.loss_cfg.min_snr_gamma > 0:
+            weights = objective.min_snr_weights(timesteps, self.alphas_cumprod, self.loss_cfg.min_snr_gamma,
+                                                self.prediction_type)
+        return objective.masked_diffusion_loss(pred, target, objective.latent_mask(mask, latents.shape[-2:]),
+                                               self.loss_cfg, weights)
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Scaled fp32 latents of the batch: stored ones (latent shards) or the VAE's sample of the pixels."""
+        device, scale = self.alphas_cumprod.device, self.vae.config.scaling_factor
+        if "latents" in batch:
+            return (batch["latents"].to(device, non_blocking=True) * scale).float()
+        pixels = batch["pixel_values"].to(device, self.compute_dtype, non_blocking=True)
+        return self.vae.encode(pixels).latent_dist.sample(generator=generator).float() * scale
+
+    def prompt_text(self, prompt: str) -> str:
+        """The prompt with every multi-vector token spelled out, as the tokenizer must see it."""
+        return expand_prompt(prompt, self.tokens, self.vectors_per_token)
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        return tokenize(self.tokenizer, [self.prompt_text(c) for c in captions])
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInversionConfig,
+                loss_cfg: LossConfig, *, tokens: list[str], compute_dtype: torch.dtype = torch.float32,
+                device: torch.device = torch.device("cpu")) -> DefectDiffusionModel:
+    """The trainable model: LoRA adapters, learned tokens, what trains, frozen weights in the compute dtype,
+    mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank)."""
+    parts = load_components(model_cfg)
+    unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
+    if model_cfg.unet_mode == "lora":
+        add_lora(unet, lora_cfg)
+    if tokens:
+        add_tokens(parts.tokenizer, text_encoder, tokens, ti_cfg.vectors_per_token, ti_cfg.initializer_word)
+    set_trainable(unet, text_encoder, model_cfg.unet_mode)
+    if model_cfg.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for module in (unet, text_encoder, vae):  # frozen weights in the compute dtype
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(compute_dtype)
+    if model_cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    vae.to(device).eval()
+    mask_gating = model_cfg.unet_mode == "lora" and lora_cfg.mask_gating
+    if mask_gating:
+        enable_mask_gating(unet, lora_cfg.mask_resize)
+    return DefectDiffusionModel(unet, text_encoder, vae=vae, tokenizer=parts.tokenizer,
+                                noise_scheduler=parts.noise_scheduler, loss_cfg=loss_cfg, tokens=tokens,
+                                vectors_per_token=ti_cfg.vectors_per_token, mask_gating=mask_gating,
+                                compute_dtype=compute_dtype, channels_last=model_cfg.channels_last)

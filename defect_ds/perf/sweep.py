@@ -1,0 +1,443 @@
+"""`defect-ds bench`: a speed and memory sweep, one `deepspeed` training process per point.
+
+    defect-ds bench --arch tiny --zero 2,3,3o --accum 1,2 --micro-batch 4,2 --checkpointing on,off \\
+        --latents off,on --grid around-base
+
+Axes: ZeRO stage (2, 3, 3o = ZeRO-3 with CPU offload), gradient accumulation, micro batch, activation
+checkpointing, precomputed latents. `--grid product` runs every combination; `--grid around-base`
+runs the base point (the first value of every axis) and then each other value with the rest at base.
+
+Each point is `deepspeed --num_gpus N train.py --config ... --train.ds_config=... ...` in its own run
+directory; the trainer logs every `--interval-steps` steps and the first `--warmup-intervals`
+intervals are left out, so start-up, allocator warm-up and the first-step compilation are not
+measured. A point that fails (out of memory, an offload op that will not build, a timeout) is recorded
+with its error and the sweep goes on. After every point the results are rewritten: raw JSON (every
+point's overrides, resolved config, interval metrics, error), a markdown table with the device,
+library versions and the resolved configs, and a PNG plot. `--profile-point NAME` adds one unmeasured
+interval to that point with a torch profiler trace (`RUN_DIR/profile/trace-rank{rank}.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from defect_ds.config import load_config
+from defect_ds.perf.mfu import peak_tflops
+from defect_ds.perf.sweep_report import write_results
+from defect_ds.utils.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ZERO_CONFIGS = {"2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json", "3o": "ds_configs/zero3_offload.json"}
+ARCH_DEFAULTS = {  # model folder, image shards, resolution
+    "tiny": ("work/tiny-sd", "work/data/synthetic", 64),
+    "sd15": ("work/sd15", "work/data/synthetic-512", 512),
+}
+LIBRARIES = ("torch", "deepspeed", "diffusers", "peft", "transformers", "webdataset")
+
+
+# ---- the grid -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Point:
+    zero: str  # "2", "3" or "3o" (ZeRO-3 with optimizer and parameter offload to the CPU)
+    accum: int  # gradient accumulation steps
+    micro_batch: int  # samples per rank per forward pass
+    checkpointing: bool  # activation checkpointing of the UNet blocks
+    latents: bool  # train from precomputed VAE latents instead of images
+
+    @property
+    def name(self) -> str:
+        return (f"z{self.zero}_a{self.accum}_mb{self.micro_batch}_{'ckpt' if self.checkpointing else 'nockpt'}_"
+                f"{'lat' if self.latents else 'img'}")
+
+
+def parse_axes(zero: str, accum: str, micro_batch: str, checkpointing: str, latents: str) -> dict[str, list]:
+    """Comma-separated command-line values -> typed axis values (the first of each is the base)."""
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            values = [int(v) for v in _split(text)]
+        except ValueError:
+            raise ValueError(f"{flag} {text!r} is invalid: use comma-separated integers such as 1,2.") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"{flag} {text!r} is invalid: use comma-separated integers of 1 or more.")
+        return values
+
+    def switches(text: str, flag: str) -> list[bool]:
+        words = {"on": True, "true": True, "off": False, "false": False}
+        values = _split(text)
+        if not values or any(v not in words for v in values):
+            raise ValueError(f"{flag} {text!r} is invalid: use on, off or on,off.")
+        return [words[v] for v in values]
+
+    zeros = _split(zero)
+    if not zeros or any(z not in ZERO_CONFIGS for z in zeros):
+        raise ValueError(f"--zero {zero!r} is invalid: use comma-separated stages from 2, 3, 3o.")
+    return {"zero": zeros, "accum": ints(accum, "--accum"), "micro_batch": ints(micro_batch, "--micro-batch"),
+            "checkpointing": switches(checkpointing, "--checkpointing"), "latents": switches(latents, "--latents")}
+
+
+def _split(text: str) -> list[str]:
+    return [v.strip().lower() for v in text.split(",") if v.strip()]
+
+
+def expand_grid(axes: dict[str, list], grid: str = "product") -> list[Point]:
+    """All combinations (`product`), or the base point then one axis changed at a time (`around-base`)."""
+    names = [f.name for f in dataclasses.fields(Point)]
+    if grid == "product":
+        return [Point(*combo) for combo in itertools.product(*(axes[n] for n in names))]
+    if grid != "around-base":
+        raise ValueError(f"--grid {grid!r} is invalid: use product or around-base.")
+    base = Point(*(axes[n][0] for n in names))
+    points = [base]
+    for n in names:
+        for value in axes[n][1:]:
+            point = dataclasses.replace(base, **{n: value})
+            if point not in points:
+                points.append(point)
+    return points
+
+
+# ---- one point ----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What every point shares."""
+    config: str  # run config file
+    model_dir: str
+    images_dir: str  # image shards
+    latents_dir: str  # latent shards (used by latents points)
+    resolution_px: int
+    precision: str
+    num_gpus: int
+    interval_steps: int  # optimizer steps per log interval
+    warmup_intervals: int  # intervals left out of the measurement
+    measure_intervals: int  # intervals measured
+    work_dir: str  # one run directory per point under it
+    extra_overrides: list[str]  # passed to train.py as given
+    timeout_s: int = 1800
+
+    @property
+    def measured_steps(self) -> tuple[int, int]:
+        """(first, last) optimizer step of the measured intervals."""
+        first = self.warmup_intervals * self.interval_steps + 1
+        return first, (self.warmup_intervals + self.measure_intervals) * self.interval_steps
+
+
+def point_overrides(point: Point, plan: Plan, profile: bool = False) -> list[str]:
+    _, last = plan.measured_steps
+    steps = last + (plan.interval_steps if profile else 0)  # the profiled interval is not measured
+    settings = {
+        "model.pretrained_dir": plan.model_dir,
+        "model.activation_checkpointing": str(point.checkpointing).lower(),
+        "data.train_shards": plan.latents_dir if point.latents else plan.images_dir,
+        "data.resolution_px": plan.resolution_px,
+        "train.ds_config": ZERO_CONFIGS[point.zero],
+        "train.micro_batch_size": point.micro_batch,
+        "train.grad_accum_steps": point.accum,
+        "train.max_steps": steps,
+        "train.precision": plan.precision,
+        "checkpoint.every_steps": 0,
+        "logging.run_dir": str(Path(plan.work_dir) / point.name),
+        "logging.log_every_steps": plan.interval_steps,
+        "logging.sample_every_steps": 0,
+        "logging.progress_bar": "false",
+        "logging.tensorboard": "false",
+    }
+    if profile:
+        settings["logging.profile_at_step"] = last + 1
+        settings["logging.profile_steps"] = min(3, plan.interval_steps)
+    return [f"--{k}={v}" for k, v in settings.items()] + list(plan.extra_overrides)
+
+
+def launch_command(point: Point, plan: Plan, profile: bool = False) -> list[str]:
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    return [str(deepspeed), "--num_gpus", str(plan.num_gpus), "--master_port", str(free_port()), "train.py",
+            "--config", plan.config, *point_overrides(point, plan, profile)]
+
+
+def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = False) -> dict[str, Any]:
+    """Runs one point to completion (or failure) and returns its result record."""
+    run_dir = Path(plan.work_dir) / point.name
+    if run_dir.exists():  # metrics.jsonl appends: a previous sweep's lines must not be read
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    command = launch_command(point, plan, profile)
+    log_path = run_dir / "launcher.log"
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    returncode, error = None, None
+    with open(log_path, "w") as log:
+        # own session: on a timeout the launcher and its ranks are ended together, by process group
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=plan.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            error = f"timed out after {plan.timeout_s} s"
+    wall_s = time.perf_counter() - start
+    log_text = log_path.read_text(errors="replace")
+    if error is None and returncode != 0:
+        error = error_from_log(log_text) or f"exit code {returncode}"
+    intervals = read_metrics(run_dir / "metrics.jsonl")
+    first, last = plan.measured_steps
+    measured = [r for r in intervals if first <= r["step"] <= last]
+    if error is None and len(measured) < plan.measure_intervals:
+        error = f"only {len(measured)} of {plan.measure_intervals} measured intervals were logged"
+    config_path = run_dir / "config.json"
+    trace = run_dir / "profile" / "trace-rank0.json"
+    for bulky in ("checkpoints", "exports", "export"):  # engine checkpoints of SD 1.5 are gigabytes
+        _remove(run_dir / bulky)
+    return {
+        "name": point.name, "point": dataclasses.asdict(point), "status": "failed" if error else "ok",
+        "error": error, "returncode": returncode, "command": shlex.join(command), "run_dir": str(run_dir),
+        "wall_s": round(wall_s, 1), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "measured_steps": [first, last], "metrics": summarise(measured, plan.num_gpus) if measured else {},
+        "intervals": intervals, "config": json.loads(config_path.read_text()) if config_path.exists() else None,
+        "profile_trace": str(trace) if trace.exists() else None,
+    }
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def error_from_log(text: str) -> str | None:
+    """The line that says why a run failed: the trainer's one-sentence error or the last exception."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in text.splitlines()]
+    for pattern in (r"^train\.py: (config )?error: ", r"OutOfMemoryError|out of memory",
+                    r"^[\w.]*(Error|Exception)\b.*"):
+        hits = [line for line in lines if re.search(pattern, line)]
+        if hits:
+            return hits[-1][:500]
+    return None
+
+
+def summarise(rows: list[dict[str, Any]], world_size: int) -> dict[str, float | None]:
+    """Measured intervals -> one figure per metric.
+
+    Intervals have the same number of steps, so rates (images/s, TFLOP/s, MFU, HFU) and the data-wait
+    share are time-weighted means (total work over total time); memory is the peak of the peaks.
+    """
+    times = [r["step_time_s"] for r in rows]
+    total = sum(times)
+
+    def weighted(key: str) -> float | None:
+        values = [r.get(key) for r in rows]
+        if any(v is None for v in values):
+            return None
+        return sum(v * t for v, t in zip(values, times)) / total
+
+    def peak(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return max(values) if values else None
+
+    ips = [r["images_per_s"] for r in rows]
+    out = {"images_per_s": weighted("images_per_s"), "images_per_s_min": min(ips), "images_per_s_max": max(ips),
+           "step_time_s": total / len(rows), "tflops_per_device": weighted("tflops_per_device"),
+           "hardware_tflops_per_device": weighted("hardware_tflops_per_device"), "mfu": weighted("mfu"),
+           "hfu": weighted("hfu"), "data_wait_share": weighted("data_wait_share"),
+           "peak_mem_alloc_gib": peak("peak_mem_alloc_gib"), "peak_mem_reserved_gib": peak("peak_mem_reserved_gib"),
+           "cpu_max_rss_gib": peak("cpu_max_rss_gib"), "loss": rows[-1].get("loss")}
+    if out["tflops_per_device"] is not None and out["images_per_s"]:  # the FLOPs the meter counted
+        out["model_gflop_per_image"] = out["tflops_per_device"] * 1e3 * world_size / out["images_per_s"]
+    return out
+
+
+# ---- data and model -----------------------------------------------------------------------------
+def prepare_inputs(arch: str, plan: Plan, need_latents: bool, env: dict[str, str]) -> None:
+    """Makes the random-weight model, the synthetic image shards and the latent shards when absent."""
+    cli = [sys.executable, "-m", "defect_ds.cli"]
+    if not (Path(plan.model_dir) / "model_index.json").exists():
+        _run([*cli, "make-tiny-model", plan.model_dir, "--arch", arch], env)
+    if not (Path(plan.images_dir) / "manifest.json").exists():
+        _run([*cli, "prepare", "synthetic", plan.images_dir, "--resolution-px", str(plan.resolution_px),
+              "--no-progress"], env)
+    if need_latents and not (Path(plan.latents_dir) / "manifest.json").exists():
+        _run([*cli, "prepare", "latents", plan.images_dir, plan.latents_dir, "--pretrained", plan.model_dir,
+              "--resolution-px", str(plan.resolution_px), "--no-progress"], env)
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+# ---- the environment ----------------------------------------------------------------------------
+def environment(num_gpus: int, cuda: bool, env: dict[str, str]) -> dict[str, Any]:
+    """Device, library versions and host facts for the report."""
+    info: dict[str, Any] = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+                            "host_cores": len(os.sched_getaffinity(0)), "processes": num_gpus,
+                            "accelerator": "cuda" if cuda else "cpu"}
+    for lib in LIBRARIES:
+        try:
+            info[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            info[lib] = None
+    if cuda:  # asked in a child process: a CUDA context here would take memory from the points
+        probe = ("import torch; p = torch.cuda.get_device_properties(0); "
+                 "print(torch.cuda.get_device_name(0)); print(p.total_memory / 2**30); print(torch.version.cuda)")
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        name, mem, cuda_version = out.stdout.strip().splitlines()[-3:]
+        info.update(device=name, device_memory_gib=round(float(mem), 1), cuda=cuda_version)
+    else:
+        info["device"] = cpu_name()
+    info["peak_tflops"] = peak_tflops(info["device"]) if cuda else None
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---- the command --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="tiny",
+                   help="tiny (CPU) or sd15 (random-weight SD 1.5, 512 px; made if absent)")
+    p.add_argument("--zero", default="2", help="ZeRO stages: 2, 3, 3o (ZeRO-3 with CPU offload), comma-separated")
+    p.add_argument("--accum", default="1", help="gradient accumulation steps, comma-separated")
+    p.add_argument("--micro-batch", default="4", help="micro batch sizes per rank, comma-separated")
+    p.add_argument("--checkpointing", default="on", help="activation checkpointing: on, off or on,off")
+    p.add_argument("--latents", default="off", help="precomputed latents: off, on or off,on")
+    p.add_argument("--grid", choices=("product", "around-base"), default="product",
+                   help="every combination, or the base (first values) and one axis changed at a time")
+    p.add_argument("--model", help="diffusers model folder (default work/tiny-sd or work/sd15)")
+    p.add_argument("--data", help="image shards; synthetic ones are made if absent "
+                   "(default work/data/synthetic or work/data/synthetic-512)")
+    p.add_argument("--latents-data", help="latent shards; made from --data if absent (default WORK_DIR/latents-RESpx)")
+    p.add_argument("--resolution-px", type=int, help="training resolution (default 64 tiny, 512 sd15)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="train.precision (auto: bf16 on GPUs, fp32 on the CPU)")
+    p.add_argument("--num-gpus", type=int, help="processes per point (default: the GPU count, 2 on the CPU)")
+    p.add_argument("--config", default="configs/default.toml", help="run config every point starts from")
+    p.add_argument("--interval-steps", type=int, default=5, help="optimizer steps per logged interval")
+    p.add_argument("--warmup-intervals", type=int, default=1, help="intervals left out of the measurement")
+    p.add_argument("--measure-intervals", type=int, default=2, help="intervals measured")
+    p.add_argument("--timeout-s", type=int, default=1800, help="a point running longer is recorded as failed")
+    p.add_argument("--profile-point", help="point name (or index) that gets one extra, unmeasured interval "
+                   "with a torch profiler trace")
+    p.add_argument("--work-dir", help="run directories go under it (default work/bench/ARCH)")
+    p.add_argument("--out", help="results path without suffix (default benchmarks/results/sweep-{cpu|gpu}-DATE)")
+    p.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a train.py setting for every point, e.g. model.channels_last=true (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the points and their commands, run nothing")
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed and memory sweep: ZeRO stage x accumulation x micro batch x ...",
+                       description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, command_line: str | None = None) -> int:
+    """Runs the sweep; returns 0 if every point succeeded, 1 otherwise."""
+    import torch
+
+    extra = ["--" + o.removeprefix("--") for o in args.override]
+    command_line = command_line or shlex.join(["defect-ds", *sys.argv[1:]])
+    cuda = torch.cuda.is_available()
+    model_dir, images_dir, resolution = ARCH_DEFAULTS[args.arch]
+    work_dir = args.work_dir or f"work/bench/{args.arch}"
+    plan = Plan(config=args.config, model_dir=args.model or model_dir, images_dir=args.data or images_dir,
+                latents_dir=args.latents_data or f"{work_dir}/latents-{args.resolution_px or resolution}px",
+                resolution_px=args.resolution_px or resolution,
+                precision=args.precision, num_gpus=args.num_gpus or (torch.cuda.device_count() if cuda else 2),
+                interval_steps=args.interval_steps, warmup_intervals=args.warmup_intervals,
+                measure_intervals=args.measure_intervals, work_dir=work_dir, extra_overrides=extra,
+                timeout_s=args.timeout_s)
+    if min(plan.interval_steps, plan.measure_intervals, plan.num_gpus) < 1 or plan.warmup_intervals < 0:
+        raise ValueError("--interval-steps, --measure-intervals and --num-gpus must be 1 or more and "
+                         "--warmup-intervals 0 or more.")
+    points = expand_grid(parse_axes(args.zero, args.accum, args.micro_batch, args.checkpointing, args.latents),
+                         args.grid)
+    profiled = _find_point(points, args.profile_point) if args.profile_point else None
+    for point in points:  # a bad override fails here, in the first second, not in point 7
+        load_config(plan.config, point_overrides(point, plan, point == profiled))
+    if args.dry_run:
+        for point in points:
+            print(point.name, "\n   ", shlex.join(launch_command(point, plan, point == profiled)))
+        return 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
+    prepare_inputs(args.arch, plan, any(p.latents for p in points), env)
+    info = environment(plan.num_gpus, cuda, env)
+    info.update(command=command_line, arch=args.arch, grid=args.grid, plan=dataclasses.asdict(plan),
+                engine_configs={z: json.loads((ROOT / path).read_text()) for z, path in ZERO_CONFIGS.items()
+                                if any(p.zero == z for p in points)})
+    out = Path(args.out or f"benchmarks/results/sweep-{'gpu' if cuda else 'cpu'}-{info['date']}")
+    results: list[dict[str, Any]] = []
+    for i, point in enumerate(points, 1):
+        print(f"[{i}/{len(points)}] {point.name}", flush=True)
+        result = run_point(point, plan, env, profile=point == profiled)
+        results.append(result)
+        m = result["metrics"]
+        print(f"    {result['status']}: " + (result["error"] or f"{m['images_per_s']:.2f} images/s, "
+                                             f"step {m['step_time_s']:.3f} s") + f" ({result['wall_s']} s)",
+              flush=True)
+        write_results(results, info, out)  # after every point: a cut-off sweep keeps what it measured
+    print(f"wrote {out}.md, {out}.json, {out}.png")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def _find_point(points: list[Point], key: str) -> Point:
+    if key.isdigit() and int(key) < len(points):
+        return points[int(key)]
+    for point in points:
+        if point.name == key:
+            return point
+    raise ValueError(f"--profile-point {key!r} is not a point of this sweep; use an index or one of: "
+                     f"{', '.join(p.name for p in points)}.")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        return run(args, command_line=shlex.join([*shlex.split(prog or "python -m defect_ds.perf.sweep"), *argv]))
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

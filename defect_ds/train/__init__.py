@@ -1,0 +1,1 @@
+"""The DeepSpeed engine and the loop, checkpoints, exports and logging."""

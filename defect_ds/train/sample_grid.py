@@ -1,0 +1,80 @@
+"""Sample-image grids during training: what the model draws for each defect token right now.
+
+    deepspeed --num_gpus 2 train.py --config configs/default.toml --logging.sample_every_steps=50
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from defect_ds.config import LoggingConfig
+from defect_ds.model.mask_gating import set_mask
+
+
+class SampleGrids:
+    """Renders `run_dir/samples/step-NNNNNNN.png` from the engine's module (a DefectDiffusionModel)."""
+
+    def __init__(self, cfg: LoggingConfig, out_dir: Path, *, resolution_px: int, seed: int, is_main: bool):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.resolution_px, self.seed, self.is_main = resolution_px, seed, is_main
+
+    def path(self, tag: str) -> Path:
+        return self.out_dir / f"{tag}.png"
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.sample_every_steps) and step % self.cfg.sample_every_steps == 0
+
+    def render(self, model, tag: str) -> None:
+        """Every rank renders (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+        prompts = self.cfg.sample_prompts or [f"a photo with {t}" for t in model.tokens] or ["a photo of a defect"]
+        dtype = model.compute_dtype
+        # frozen weights are stored in the compute dtype: the pipeline runs under the same autocast
+        with torch.autocast(model.vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            render_sample_grid(model.unet, model.text_encoder, model.vae, model.tokenizer, model.noise_scheduler,
+                               [model.prompt_text(p) for p in prompts], resolution_px=self.resolution_px,
+                               steps=self.cfg.sample_steps, seed=self.seed, mask_gating=model.mask_gating,
+                               out_path=self.path(tag) if self.is_main else None)
+        model.unet.train()
+
+
+def centre_mask(resolution_px: int) -> torch.Tensor:
+    """A (1, 1, R, R) mask over the middle quarter of the image, where sample defects are asked for."""
+    mask = torch.zeros(1, 1, resolution_px, resolution_px)
+    q = resolution_px // 4
+    mask[..., q:resolution_px - q, q:resolution_px - q] = 1
+    return mask
+
+
+@torch.no_grad()
+def render_sample_grid(unet, text_encoder, vae, tokenizer, noise_scheduler, prompts: list[str], *,
+                       resolution_px: int, steps: int, seed: int, mask_gating: bool,
+                       out_path: Path | None) -> torch.Tensor:
+    """Renders one image per prompt with DDIM (the mask outlined in red) and writes a PNG row."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from torchvision.utils import save_image
+
+    was_training = unet.training
+    unet.eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    device = next(vae.parameters()).device
+    mask = centre_mask(resolution_px).to(device)
+    if mask_gating:
+        set_mask(unet, mask)
+    generator = torch.Generator(device).manual_seed(seed)
+    images = pipe(prompts, height=resolution_px, width=resolution_px, num_inference_steps=steps,
+                  generator=generator, output_type="pt").images.float().cpu()
+    if mask_gating:
+        set_mask(unet, None)
+    unet.train(was_training)
+    edge = mask.cpu() - torch.nn.functional.max_pool2d(-mask.cpu(), 3, 1, 1).neg()  # inner outline
+    outlined = images.clone()
+    outlined[:, 0:1][edge.expand(len(images), -1, -1, -1) > 0] = 1.0
+    outlined[:, 1:3][edge.expand(len(images), 2, -1, -1) > 0] = 0.0
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(outlined, out_path, nrow=len(prompts))
+    return images

@@ -1,0 +1,240 @@
+"""CPU integration runs: train.py under the deepspeed launcher with two processes and the tiny model."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from defect_ds.utils.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(out), "--resolution-px",
+                    "64", "--per-defect", "4", "--good-per-category", "2", "--no-progress"],
+                   check=True, env=_env(), capture_output=True)
+    return out
+
+
+def common_args(model: Path, data: Path, run_dir: Path, **overrides) -> list[str]:
+    settings = {"model.pretrained_dir": model, "data.train_shards": data, "logging.run_dir": run_dir,
+                "data.resolution_px": 64, "data.num_workers": 0, "train.micro_batch_size": 2,
+                "logging.log_every_steps": 1, "logging.sample_every_steps": 0, "logging.progress_bar": "false",
+                "logging.tensorboard": "false", "train.precision": "fp32", "optimizer.warmup_steps": 2,
+                "optimizer.learning_rate": 1e-3}
+    settings.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def deepspeed_train(args: list[str], nprocs: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+           str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_zero2_resume_matches_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
+    """fp32, fixed seed, accumulation 2: stopping after step 2 and resuming gives the same losses and weights."""
+    steps = dict(train__max_steps=4, checkpoint__every_steps=2, train__ds_config="ds_configs/zero2.json",
+                 train__grad_accum_steps=2)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    deepspeed_train(common_args(tiny_model_dir, data_dir, whole, **steps))
+    deepspeed_train(common_args(tiny_model_dir, data_dir, parts, **steps, train__stop_at_step=2))
+    assert sorted(losses(parts)) == [1, 2]
+    assert [p.name for p in (parts / "checkpoints").glob("step-*")] == ["step-0000002"]
+    deepspeed_train([*common_args(tiny_model_dir, data_dir, parts, **steps), "--resume", "latest"])
+
+    assert losses(parts) == losses(whole)  # identical floats, step for step
+    a = load_file(whole / "export" / "pytorch_lora_weights.safetensors")
+    b = load_file(parts / "export" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for token_file in (whole / "export" / "learned_embeds").glob("*.safetensors"):
+        ea, eb = load_file(token_file), load_file(parts / "export" / "learned_embeds" / token_file.name)
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    done = sorted(p.name for p in (parts / "checkpoints").glob("step-*") if (p / "COMMITTED").exists())
+    assert done == ["step-0000002", "step-0000004"]
+    assert json.loads((parts / "config.json").read_text())["checkpoint"]["resume"] == "latest"
+
+
+ZERO3_CHECK = """
+import json, sys
+import torch
+sys.path.insert(0, {root!r})
+import deepspeed
+from defect_ds.config import load_config
+from defect_ds.train.distributed import init_distributed
+from defect_ds.model.components import load_components
+from defect_ds.train.trainer import Trainer
+
+from train import parse_args
+
+cfg = load_config(*parse_args(sys.argv[1:]))
+info = init_distributed()
+trainer = Trainer(cfg, info)
+trainer.setup()
+model = trainer.engine.module
+base = model.text_encoder.get_input_embeddings().base.weight
+learned = model.text_encoder.get_input_embeddings().learned_vectors
+with deepspeed.zero.GatheredParameters([learned]):
+    before = learned.detach().clone()
+trainer.train()
+original = load_components(cfg.model).text_encoder.get_input_embeddings().weight
+with deepspeed.zero.GatheredParameters([base, learned]):
+    rows = original.shape[0]
+    result = {{"partitioned": base.ds_tensor.numel() < base.numel(),
+               "old_rows_identical": bool(torch.equal(base[:rows].float(), original.float())),
+               "learned_changed": bool(not torch.equal(learned, before))}}
+if info.rank == 0:
+    json.dump(result, open(cfg.logging.run_dir + "/zero3_check.json", "w"))
+"""
+
+
+def test_zero3_trains_only_new_rows_and_exports_load_into_stock_pipeline(tiny_model_dir, data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "z3"
+    script = tmp_path / "zero3_check.py"
+    script.write_text(ZERO3_CHECK.format(root=str(ROOT)))
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=3, checkpoint__every_steps=0,
+                       train__ds_config="ds_configs/zero3.json", optimizer__learning_rate=5e-2,
+                       textual_inversion__learning_rate=5e-1, optimizer__warmup_steps=0)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check = json.loads((run / "zero3_check.json").read_text())
+    assert check == {"partitioned": True, "old_rows_identical": True, "learned_changed": True}
+
+    export = run / "export"
+    lora = load_file(export / "pytorch_lora_weights.safetensors")
+    assert lora and all(v.numel() > 0 for v in lora.values())  # gathered, never empty
+    assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    embeds = sorted((export / "learned_embeds").glob("*.safetensors"))
+    assert [p.stem for p in embeds] == ["sks_crack", "sks_scratch", "sks_spot"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of a pill with sks_scratch"
+
+    def render():
+        return pipe(prompt, num_inference_steps=3, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = render()
+    pipe.load_lora_weights(export)
+    after_lora = render()
+    pipe.load_textual_inversion([str(p) for p in embeds])
+    assert "sks_scratch" in pipe.tokenizer.get_vocab()
+    after_both = render()
+    assert abs(after_lora - before).max() > 1e-3
+    assert abs(after_both - after_lora).max() > 1e-3
+
+
+def test_loss_falls_when_overfitting(tiny_model_dir, tmp_path):
+    data = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(data), "--resolution-px",
+                    "64", "--per-defect", "1", "--good-per-category", "0", "--categories", "pill",
+                    "--val-fraction", "0", "--no-progress"], check=True, env=_env(), capture_output=True)
+    run = tmp_path / "overfit"
+    # the full UNet: a random-weight base leaves attention-only adapters too little to fit with
+    args = common_args(tiny_model_dir, data, run, train__max_steps=80, checkpoint__every_steps=0,
+                       model__unet_mode="full", optimizer__learning_rate=2e-3, optimizer__schedule="constant",
+                       train__micro_batch_size=1, logging__log_every_steps=10, data__hflip="false")
+    deepspeed_train(args)  # two processes, ZeRO-2
+    curve = losses(run)
+    assert curve[80] < 0.5 * curve[10], curve
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    run = tmp_path / "nan"
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=6, checkpoint__every_steps=1,
+                       optimizer__learning_rate=1e30, optimizer__warmup_steps=0,
+                       optimizer__schedule="constant", optimizer__grad_clip=0)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=_env(), capture_output=True,
+                            text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 2
+    assert re.search(r"The (loss|trained weights) became NaN or infinite by step \d", result.stderr)
+    done = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMMITTED").exists()]
+    assert done and f"{done[-1]} is kept" in result.stderr
+    assert not (run / "export").exists()  # nothing exported from the diverged weights
+    kept = load_file(run / "exports" / done[-1].name / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in kept.values())  # "good" means finite weights, too
+
+
+def test_two_nodes_on_one_machine(tiny_model_dir, data_dir, tmp_path):
+    run = tmp_path / "two-nodes"
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=2, checkpoint__every_steps=0)
+    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([str(ROOT / "launch" / "two_nodes_local.sh"), "configs/default.toml", *args],
+                            env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "nnodes=2" in result.stdout + result.stderr
+    ranks = sorted(p.name for p in (run / "checkpoints" / "step-0000002").glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(ranks) == 2  # one optimizer shard per node
+    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_torchrun_launch_bf16_with_samples_and_tensorboard(tiny_model_dir, data_dir, tmp_path):
+    """torchrun, bf16 on the CPU, ZeRO-3: sample grids (frozen weights in bf16) and TensorBoard scalars."""
+    run = tmp_path / "torchrun"
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=2, checkpoint__every_steps=0,
+                       train__precision="bf16", train__ds_config="ds_configs/zero3.json",
+                       logging__sample_every_steps=1, logging__sample_steps=2, logging__tensorboard="true",
+                       logging__progress_bar="true")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(run)) == [1, 2]
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["step-0000001.png", "step-0000002.png"]
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / grids[-1])
+    assert grid.width > grid.height  # one image per defect token, side by side
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "images_per_s", "data_wait_share"} <= set(events.Tags()["scalars"])
+
+
+def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, tmp_path):
+    """data.bad_sample_policy=fail: the rank that reads a corrupt shard stops, and so does the other."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(data), "--resolution-px",
+                    "64", "--per-defect", "4", "--good-per-category", "2", "--shard-max-samples", "10",
+                    "--val-fraction", "0", "--no-progress"], check=True, env=_env(), capture_output=True)
+    shards = sorted(data.glob("train-*.tar"))
+    assert len(shards) >= 2
+    shards[0].write_bytes(shards[0].read_bytes()[:3000])  # truncated: only one rank reads it
+    run = tmp_path / "fail"
+    args = common_args(tiny_model_dir, data, run, train__max_steps=6, checkpoint__every_steps=0,
+                       data__bad_sample_policy="fail", data__split_by="shard", train__collective_timeout_s=60)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    error = next(line for line in result.stderr.splitlines() if line.startswith("train.py: error: "))
+    assert "Cannot read" in error and str(shards[0]) in error  # one sentence naming the shard

@@ -1,0 +1,83 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from defect_ds.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_validate():
+    RunConfig().validate()
+
+
+def test_every_shipped_config_parses():
+    files = sorted((ROOT / "configs").glob("*.toml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[train]\nmax_steps = 7\nmicro_batch_size = 2\n[lora]\nrank = 4\n')
+    cfg = load_config(f, ["--train.max_steps=9", "--lora.target_modules=to_q,to_v", "--data.hflip", "false"])
+    assert cfg.train.max_steps == 9  # command line beats the file
+    assert cfg.train.micro_batch_size == 2  # the file beats the default
+    assert cfg.lora.rank == 4
+    assert cfg.lora.target_modules == ["to_q", "to_v"]
+    assert cfg.data.hflip is False
+
+
+def test_json_round_trip(tmp_path):
+    cfg = load_config(None, ["--optimizer.learning_rate=3e-4", "--loss.prediction_type=v_prediction"])
+    save_config(cfg, tmp_path / "config.json")
+    again = load_config(tmp_path / "config.json")
+    assert again == cfg
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 3e-4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--train.max_steps=ten"], ["train.max_steps", "'ten'", "integer"]),
+    (["--train.max_stepz=10"], ["train.max_stepz", "max_steps"]),
+    (["--lora.rank=0"], ["lora.rank", "0", "positive"]),
+    (["--loss.prediction_type=x0"], ["loss.prediction_type", "'x0'", "epsilon"]),
+    (["--data.resolution_px=65"], ["data.resolution_px", "65", "multiple of 8"]),
+    (["--model.unet_mode=frozen", "--textual_inversion.enabled=false"], ["Nothing trains"]),
+    (["train.max_steps=3"], ["--section.field=value"]),
+])
+def test_bad_settings_get_one_sentence_naming_the_field(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    message = str(e.value)
+    assert "\n" not in message and message.rstrip().endswith(".")
+    for w in words:
+        assert w in message
+
+
+def test_unknown_section_and_wrong_type_in_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[trian]\nmax_steps = 1\n')
+    with pytest.raises(ConfigError, match=r"Unknown config section \[trian\]"):
+        load_config(f)
+    f.write_text('[train]\nmax_steps = "many"\n')
+    with pytest.raises(ConfigError, match="train.max_steps='many' has the wrong type"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_parse_overrides_space_form():
+    assert parse_overrides(["--a.b", "1", "--c.d=2"]) == {"a": {"b": "1"}, "c": {"d": "2"}}
+
+
+def test_train_script_rejects_bad_config_fast(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--lora.rank=-1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "lora.rank=-1 is invalid" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written

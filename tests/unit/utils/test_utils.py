@@ -1,0 +1,54 @@
+"""The small shared helpers: atomic folders, device and dtype choice, free ports."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from defect_ds.utils.device import resolve_device, resolve_dtype
+from defect_ds.utils.files import atomic_folder
+from defect_ds.utils.net import free_port
+
+
+def test_atomic_folder_replaces_the_old_folder_whole(tmp_path):
+    final = tmp_path / "export"
+    with atomic_folder(final) as tmp:
+        (tmp / "a.txt").write_text("first")
+        assert not final.exists()  # nothing visible until the block ends
+    with atomic_folder(final) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary or old folder left
+
+
+def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
+    final = tmp_path / "samples" / "k-000001"
+    with atomic_folder(final) as tmp:
+        (tmp / "json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(final) as tmp:
+            (tmp / "json").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (final / "json").read_text() == "{}"
+    with atomic_folder(final) as tmp:  # the next call clears the leftover
+        (tmp / "json").write_text("new")
+    assert (final / "json").read_text() == "new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["k-000001"]
+
+
+def test_device_and_dtype_rules():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("fp32", torch.device("cuda", 0)) == torch.float32
+    with pytest.raises(ValueError, match="use auto, bf16 or fp32"):
+        resolve_dtype("fp16", torch.device("cpu"))
+
+
+def test_free_port_can_be_bound():
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
