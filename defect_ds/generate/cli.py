@@ -23,6 +23,7 @@ from defect_ds.generate.output import check_resume, sample_done, write_sample, w
 from defect_ds.generate.pipeline import SCHEDULERS, build_pipeline, generate_batch, set_scheduler
 from defect_ds.generate.spec import DEFAULT_PROMPT, MASK_SOURCES, MODES, GenerationSettings, plan_samples
 from defect_ds.utils.device import resolve_device, resolve_dtype
+from defect_ds.utils.quiet import quiet_libraries
 
 # ---- the command -----------------------------------------------------------------------------
 
@@ -160,4 +161,5 @@ def _checked_run(args: argparse.Namespace) -> int:
         raise ValueError("--mode inpaint needs --sources DIR (good images, or a data set's good samples).")
     if args.sources and args.mode != "inpaint":
         raise ValueError("--sources is only read with --mode inpaint; add --mode inpaint or drop --sources.")
-    return run(args)
+    with quiet_libraries():
+        return run(args)

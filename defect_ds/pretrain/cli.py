@@ -22,6 +22,7 @@ import torch
 from defect_ds.data.sample import GOOD
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.utils.quiet import quiet_libraries
 from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 
@@ -107,7 +108,8 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
                                    scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     if half:
-        pipe.to(torch.float16)
+        with quiet_libraries():  # "modules to keep in float32: []": none, nothing to do
+            pipe.to(torch.float16)
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -125,8 +127,9 @@ def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from torchvision.utils import make_grid, save_image
 
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    with quiet_libraries():
+        pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompts = sorted(set(captions))

@@ -31,7 +31,7 @@ class BaseRecipe:
     unet_layers_per_block: int = 1
     text_hidden_size: int = 64
     text_layers: int = 2
-    unet_steps: int = 2000
+    unet_steps: int = 1500
     unet_batch_size: int = 32
     unet_learning_rate: float = 5e-4
     warmup_steps: int = 100
