@@ -98,6 +98,30 @@ def test_build_pipeline_loads_the_trainer_export(trained_run):
     assert getattr(pipe.unet, "mask_gate", None) is not None and pipe.unet.mask_gate.gated_layers
 
 
+def test_mask_resize_follows_the_export_and_old_exports_stay_nearest(trained_run, tmp_path):
+    """Training defaults to max now; an export records its resize and generation gates the same way,
+    and an export.json without the field (written when nearest was the default) keeps nearest."""
+    from defect_ds.config import LoraConfig
+    from defect_ds.generate.pipeline import build_pipeline
+
+    assert LoraConfig().mask_resize == "max"
+    export = trained_run["run_dir"] / "export"
+    meta = json.loads((export / "export.json").read_text())
+    assert "mask_resize" not in meta  # the fixture is an old export
+    got = {}
+    for name, recorded in (("old", None), ("nearest", "nearest"), ("max", "max")):
+        folder = tmp_path / name / "export"
+        shutil.copytree(export, folder)
+        if recorded:
+            (folder / "export.json").write_text(json.dumps({**meta, "mask_resize": recorded}))
+        got[name] = build_pipeline(run=str(folder))[2]["mask_resize"]
+    assert got == {"old": "nearest", "nearest": "nearest", "max": "max"}
+    # a loose LoRA takes the export.json beside it; the flag overrides either
+    lora = tmp_path / "max" / "export" / "pytorch_lora_weights.safetensors"
+    assert build_pipeline(base_model=meta["base_model"], lora=str(lora))[2]["mask_resize"] == "max"
+    assert build_pipeline(run=str(tmp_path / "max"), mask_resize="nearest")[2]["mask_resize"] == "nearest"
+
+
 def test_inpaint_keeps_every_pixel_outside_the_mask(trained_run, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
