@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("stroke", "blob", "mixed")
+_SUPERSAMPLE = 4  # augmented masks are transformed at 4x and area-averaged back
+_COVERAGE = 0.4  # share of a pixel the transformed shape must cover to be defect
 
 
 def object_region(image: np.ndarray, threshold: int = 24, min_fraction: float = 0.05,
@@ -114,3 +116,109 @@ def _erode(region: np.ndarray, pixels: int) -> np.ndarray:
         for dx in range(2 * pixels + 1):
             out &= padded[dy:dy + h, dx:dx + w]
     return out
+
+
+# ---- real masks, augmented and placed on the object --------------------------------------------
+
+def augment_mask(mask: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float] = (0.75, 1.25),
+                 elastic_strength: tuple[float, float] = (0.3, 0.8)) -> tuple[np.ndarray, dict]:
+    """A real defect's shape, randomly rotated, scaled, flipped and elastically deformed, cropped to its
+    bounding box: (uint8 0/1 patch, the parameters drawn). Every draw comes from `rng`, so a sample key
+    always gets the same shape; the parameters are returned to be recorded with the sample.
+
+    torchvision's own transforms do the work, on the shape supersampled 4x and bilinear, then
+    area-averaged back and thresholded, so edges stay smooth, a 1-px scratch stays connected and the
+    result is exactly 0/1. The elastic displacement is drawn by `ElasticTransform` from torch's
+    generator, forked and seeded from `rng`.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms.v2 import ElasticTransform, InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    patch = _crop_to_defect(mask)
+    params = {"angle_deg": float(rng.uniform(0, 360)), "scale": float(rng.uniform(*scale_range)),
+              "hflip": bool(rng.integers(2)), "vflip": bool(rng.integers(2)),
+              "elastic_seed": int(rng.integers(2**31)), "elastic_strength": float(rng.uniform(*elastic_strength))}
+    h, w = patch.shape
+    # a canvas that holds the shape whatever the rotation and scale, plus room to deform
+    side = max(int(math.ceil(math.hypot(h, w) * max(params["scale"], 1.0) * 1.2)), h, w) + 4
+    canvas = np.zeros((side, side), np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = patch
+    x = torch.from_numpy(canvas)[None, None].repeat_interleave(_SUPERSAMPLE, -1).repeat_interleave(_SUPERSAMPLE, -2)
+    if params["hflip"]:
+        x = TF.horizontal_flip(x)
+    if params["vflip"]:
+        x = TF.vertical_flip(x)
+    x = TF.affine(x, angle=params["angle_deg"], translate=[0.0, 0.0], scale=params["scale"], shear=[0.0, 0.0],
+                  interpolation=InterpolationMode.BILINEAR)
+    sigma = 0.12 * side  # smooth: the shape bends, its edge does not fray
+    params.update(elastic_sigma_px=round(sigma, 3), elastic_alpha=params["elastic_strength"] * side * sigma)
+    elastic = ElasticTransform(alpha=params["elastic_alpha"], sigma=sigma, interpolation=InterpolationMode.BILINEAR)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params["elastic_seed"])
+        # drawn at the mask's own size (blurring the 4x grid is slow), in normalised units, so the
+        # same field upsampled moves the supersampled shape by the same amount
+        field = elastic.make_params([torch.zeros(1, side, side)])["displacement"]
+    field = F.interpolate(field.permute(0, 3, 1, 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    deformed = TF.elastic(x, field.permute(0, 2, 3, 1), interpolation=InterpolationMode.BILINEAR)
+
+    def binary(t: torch.Tensor) -> np.ndarray:
+        return (F.avg_pool2d(t, _SUPERSAMPLE)[0, 0].numpy() >= _COVERAGE).astype(np.uint8)
+
+    out = binary(deformed)
+    if not out.any():  # deformed to nothing: the rotated, scaled shape instead
+        out = binary(x)
+        params["elastic_skipped"] = True
+    if not out.any():
+        out = patch.copy()
+        params["affine_skipped"] = True
+    return _crop_to_defect(out), params
+
+
+def place_on_object(patch: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The patch (uint8 0/1, cropped to its defect) put at a random position where every defect pixel
+    lies on `region`; shrunk (nearest) until it fits. Returns the (H, W) uint8 mask and where it went."""
+    from scipy.signal import fftconvolve
+
+    if not region.any():
+        raise ValueError("The object region must be non-empty.")
+    ys, xs = np.nonzero(region)
+    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    shrink = min(1.0, box_h / patch.shape[0], box_w / patch.shape[1])
+    outside = (~region).astype(np.float32)
+    for attempt in range(12):
+        shape = patch if shrink >= 1.0 else _resize_binary(patch, shrink)
+        ph, pw = shape.shape
+        if ph <= region.shape[0] and pw <= region.shape[1]:
+            # pixels of the shape that would fall off the object, for every top-left position
+            spill = fftconvolve(outside, shape[::-1, ::-1].astype(np.float32), mode="valid")
+            ok = np.argwhere(spill < 0.5)
+            if len(ok):
+                top, left = (int(v) for v in ok[int(rng.integers(len(ok)))])
+                out = np.zeros(region.shape, np.uint8)
+                out[top:top + ph, left:left + pw] = shape
+                out &= region.astype(np.uint8)  # exact already; guards against fft rounding
+                if out.any():
+                    return out, {"offset_yx": [top, left], "placed_scale": round(float(shrink), 4)}
+        shrink *= 0.75
+    out = np.zeros(region.shape, np.uint8)  # a region too thin for any shape: one region pixel
+    i = int(rng.integers(len(ys)))
+    out[ys[i], xs[i]] = 1
+    return out, {"offset_yx": [int(ys[i]), int(xs[i])], "placed_scale": 0.0}
+
+
+def _crop_to_defect(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise ValueError("A mask with no defect pixel has no shape to augment.")
+    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8)
+
+
+def _resize_binary(patch: np.ndarray, factor: float) -> np.ndarray:
+    """Nearest resize by `factor`, then cropped to the defect; a shape that vanishes keeps one pixel."""
+    h, w = patch.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    out = (np.asarray(Image.fromarray(patch * 255).resize(size, Image.NEAREST)) > 127).astype(np.uint8)
+    return _crop_to_defect(out) if out.any() else np.ones((1, 1), np.uint8)

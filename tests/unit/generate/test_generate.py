@@ -256,6 +256,54 @@ def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, 
     assert json.loads((out / "shards" / "manifest.json").read_text())["defect_tokens"] == {"scratch": "sks_scratch"}
 
 
+def _write_shots(folder: Path, samples: list[tuple[str, np.ndarray, np.ndarray]]) -> Path:
+    """A one-shard data set of (defect_type, image, mask) samples, category pill."""
+    import io
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
+        for i, (defect_type, image, mask) in enumerate(samples):
+            png, mpng = io.BytesIO(), io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            Image.fromarray(mask * 255).save(mpng, format="PNG")
+            sink.write({"__key__": f"s{i}", "image.png": png.getvalue(), "mask.png": mpng.getvalue(),
+                        "caption.txt": "a photo", "json": {"category": "pill", "defect_type": defect_type,
+                                                           "source": "real", "split": "train", "size": [64, 64]}})
+    return folder
+
+
+def test_augmented_masks_end_to_end_and_a_type_without_shots(trained_run, tmp_path, capsys):
+    good = _object_image(11)
+    scratch = np.zeros((64, 64), np.uint8)
+    scratch[28:31, 20:44] = 1
+    data = _write_shots(tmp_path / "shots", [("scratch", _object_image(3), scratch),
+                                             ("stain", _object_image(4), np.zeros((64, 64), np.uint8)),
+                                             ("good", good, np.zeros((64, 64), np.uint8))])
+    run = str(trained_run["run_dir"])
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", run, "--mode", "inpaint", "--sources", str(data), "--masks", "augmented",
+            "--data", str(data), "--defect-types", "scratch", "--num-per-type", "2", "--steps", "1", "--no-progress"]
+    assert main(args) == 0
+    region = object_region(good)
+    for folder in _samples(out).values():
+        mask = _read(folder / "mask.png", "L")
+        assert set(np.unique(mask)) == {0, 255} and not ((mask > 0) & ~region).any()
+        gen = json.loads((folder / "json").read_text())["generation"]
+        assert gen["mask_source"] == "augmented" and gen["mask_origin"].startswith("augmented:")
+        assert gen["mask_augmentation"]["elastic_seed"] >= 0 and "offset_yx" in gen["mask_placement"]
+    # the stain shot's mask is empty: augmented says so and names the type
+    capsys.readouterr()
+    bad = [a if a != "scratch" else "stain" for a in args]
+    bad[1] = str(tmp_path / "gen2")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "'stain'" in err and "--masks augmented" in err
+    assert main(["generate", str(tmp_path / "gen3"), "--run", run, "--data", str(data), "--no-progress"]) == 2
+    assert "--masks dataset or augmented" in capsys.readouterr().err
+
+
 def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     run = str(trained_run["run_dir"])
     assert main(["generate", str(tmp_path / "a"), "--run", run, "--defect-types", "dent", "--no-progress"]) == 2
