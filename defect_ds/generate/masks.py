@@ -1,8 +1,10 @@
 """Random defect masks drawn procedurally: strokes (scratches, cracks) and blobs (stains, dents).
 
 Masks are sized relative to the object and placed on it: the object is estimated from the image as
-the pixels that differ from the border colour (industrial photos have a plain background), and the
-drawn shape is clipped to it. Everything is seeded, so a sample key always gets the same mask.
+the pixels that differ from the border colour (industrial photos have a plain background; see
+`data/objects.py`, which evaluation shares), and the drawn shape is clipped to it. Real masks of the
+few shots can be augmented and placed on the object the same way (`augment_mask`, `place_on_object`).
+Everything is seeded, so a sample key always gets the same mask.
 
     python -c "from defect_ds.generate.masks import random_mask; import numpy as np; \
 print(random_mask(64, 64, np.random.default_rng(0)).sum())"
@@ -14,35 +16,11 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from defect_ds.data.objects import centre_region, object_region  # noqa: F401  (where masks go; re-exported)
+
 KINDS = ("stroke", "blob", "mixed")
 _SUPERSAMPLE = 4  # augmented masks are transformed at 4x and area-averaged back
 _COVERAGE = 0.4  # share of a pixel the transformed shape must cover to be defect
-
-
-def object_region(image: np.ndarray, threshold: int = 24, min_fraction: float = 0.05,
-                  margin_fraction: float = 0.125) -> np.ndarray:
-    """A bool (H, W) estimate of where the object is in an RGB uint8 image.
-
-    Pixels whose colour differs from the median border colour by more than `threshold` (any
-    channel) count as object. When that finds less than `min_fraction` of the image (a textured
-    surface filling the frame, or a flat image) the whole image minus a margin is used instead.
-    """
-    h, w = image.shape[:2]
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.int16)
-    background = np.median(border, axis=0)
-    region = (np.abs(image.astype(np.int16) - background).max(axis=-1) > threshold)
-    region = _erode(region, max(1, round(min(h, w) * 0.02)))  # keep defects off the object's edge
-    if region.mean() < min_fraction:
-        return centre_region(h, w, margin_fraction)
-    return region
-
-
-def centre_region(height: int, width: int, margin_fraction: float = 0.125) -> np.ndarray:
-    """The whole image minus a margin on every side, as a bool (H, W) array."""
-    region = np.zeros((height, width), bool)
-    my, mx = round(height * margin_fraction), round(width * margin_fraction)
-    region[my:height - my, mx:width - mx] = True
-    return region
 
 
 def random_mask(height: int, width: int, rng: np.random.Generator, region: np.ndarray | None = None,
@@ -105,17 +83,6 @@ def _draw_blob(draw: ImageDraw.ImageDraw, centre: tuple[float, float], diameter:
         cy = centre[1] + rng.normal(0, radius * 0.35)
         rx, ry = radius * rng.uniform(0.4, 0.8), radius * rng.uniform(0.4, 0.8)
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
-
-
-def _erode(region: np.ndarray, pixels: int) -> np.ndarray:
-    """Binary erosion by a (2p+1) square, in numpy (no scipy dependency)."""
-    out = region.copy()
-    padded = np.pad(region, pixels, constant_values=False)
-    h, w = region.shape
-    for dy in range(2 * pixels + 1):
-        for dx in range(2 * pixels + 1):
-            out &= padded[dy:dy + h, dx:dx + w]
-    return out
 
 
 # ---- real masks, augmented and placed on the object --------------------------------------------
