@@ -511,3 +511,28 @@ def test_bf16_generation_on_gpu(trained_run, tmp_path):
         assert json.loads((folder / "json").read_text())["generation"]["precision"] == "bf16"
         mask = _read(folder / "mask.png", "L") == 0
         assert np.array_equal(_read(folder / "image.png")[mask], _read(folder / "source.png")[mask])
+
+
+def test_learned_masks_end_to_end(trained_run, tmp_path, capsys):
+    from defect_ds.generate.mask_model import train_mask_model
+
+    masks = []
+    for v in (10, 30):
+        m = np.zeros((64, 64), np.uint8)
+        m[v:v + 6, 20:40] = 1
+        masks.append(m)
+    data = _write_shots(tmp_path / "shots", [("scratch", _object_image(3), masks[0]),
+                                             ("stain", _object_image(4), masks[1])])
+    model = train_mask_model(str(data), tmp_path / "mm", resolution_px=64, steps=2, batch_size=2, log_every=0,
+                             bank_per_type=2)
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--masks", "learned", "--mask-model",
+            str(model), "--num-per-type", "1", "--steps", "1", "--no-progress"]
+    assert main(args) == 0
+    for folder in _samples(out).values():
+        assert set(np.unique(_read(folder / "mask.png", "L"))) == {0, 255}
+        gen = json.loads((folder / "json").read_text())["generation"]
+        assert gen["mask_source"] == "learned" and gen["mask_model"] == str(model.resolve())
+    capsys.readouterr()
+    assert main(args[:1] + [str(tmp_path / "gen2")] + args[2:] + ["--resolution-px", "32"]) == 2
+    assert "draws 64 px masks but generation is at 32 px" in capsys.readouterr().err
