@@ -45,9 +45,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: [
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"])
     mask_gating: bool = True  # gate adapter updates on spatial tokens by the defect mask
-    # How the mask reaches each attention layer's token grid: nearest samples one pixel per token;
-    # max marks a token when any pixel of its patch is defect, so thin scratches survive coarse grids.
-    mask_resize: Literal["nearest", "max"] = "nearest"
+    # How the mask reaches each attention layer's token grid: max marks a token when any pixel of its
+    # patch is defect, so thin scratches survive coarse grids; nearest samples one pixel per token (the
+    # old default: 22 of 33 synthetic masks vanish at 8x8). Exports record it and generation follows.
+    mask_resize: Literal["nearest", "max"] = "max"
 
     def validate(self) -> None:
         _require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
@@ -113,6 +114,14 @@ class LossConfig:
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting; 0 turns it off
     noise_offset: float = 0.0  # offset noise strength; 0 turns it off
     prediction_type: Literal["scheduler", "epsilon", "v_prediction"] = "scheduler"  # target
+    # Chance that a sample trains with an all-ones mask instead of its own (OneTrainer's "unmasked
+    # probability"): then the adapters are open and the loss weighs the whole image as defect, so the
+    # background is learned too now and then; 0 keeps every mask.
+    unmasked_probability: float = 0.0
+    # LoRA with mask gating only: weight of an extra background term whose target is the base model's
+    # own prediction (adapters off, i.e. a zero mask; one more forward without gradients), so what
+    # the adapters change leaks less into the background; 0 turns it off.
+    prior_preservation_weight: float = 0.0
 
     def validate(self) -> None:
         _require(self.defect_weight >= 0, "loss.defect_weight", self.defect_weight, "use 0 or more")
@@ -122,6 +131,10 @@ class LossConfig:
                  self.defect_weight, "make defect_weight or background_weight positive")
         _require(self.min_snr_gamma >= 0, "loss.min_snr_gamma", self.min_snr_gamma, "use 0 (off) or 5")
         _require(self.noise_offset >= 0, "loss.noise_offset", self.noise_offset, "use 0 (off) or 0.05")
+        _require(0.0 <= self.unmasked_probability <= 1.0, "loss.unmasked_probability",
+                 self.unmasked_probability, "use a probability in [0, 1] such as 0.1")
+        _require(self.prior_preservation_weight >= 0, "loss.prior_preservation_weight",
+                 self.prior_preservation_weight, "use 0 (off) or a weight such as 1.0")
 
 
 @dataclass
@@ -220,12 +233,32 @@ class RunConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.loss.prior_preservation_weight > 0:
+            check_prior_preservation(self.model, self.lora)
         if self.model.unet_mode == "frozen" and not self.textual_inversion.enabled:
             raise ConfigError("Nothing trains: model.unet_mode is frozen and textual_inversion.enabled is "
                               "false; set one of them.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# LoRA targets that act on text tokens: never gated, so with them a zero mask is not the base model.
+TEXT_SIDE_TARGETS = ("attn2.to_k", "attn2.to_v", "add_k_proj", "add_v_proj")
+
+
+def check_prior_preservation(model: ModelConfig, lora: LoraConfig) -> None:
+    """Prior preservation takes the base model's prediction as a zero-mask forward, which is the base
+    model only when every adapter is gated."""
+    if model.unet_mode != "lora" or not lora.mask_gating:
+        raise ConfigError(f"loss.prior_preservation_weight needs mask-gated LoRA (model.unet_mode=lora, "
+                          f"lora.mask_gating=true), not unet_mode={model.unet_mode} with mask_gating="
+                          f"{str(lora.mask_gating).lower()}; set them or use prior_preservation_weight=0.")
+    ungated = [t for t in lora.target_modules if t.endswith(TEXT_SIDE_TARGETS)]
+    if ungated:
+        raise ConfigError(f"loss.prior_preservation_weight needs every LoRA target gated by the mask, but "
+                          f"lora.target_modules has {ungated[0]} (text side, never gated); drop it or use "
+                          "prior_preservation_weight=0.")
 
 
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:

@@ -149,12 +149,13 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
 
 
 def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
-    """Masks by defect type from a folder of PNGs (subfolders name types) or a data set's masks.
+    """Masks by defect type from a folder of PNGs (subfolders name types) or a data set's masks
+    (kind files, or dataset and augmented; procedural and learned read none).
 
     A mask with no defect pixel would label a generated defect with nothing: such files are skipped
     with one warning that counts them (a data set's good samples, empty by design, are skipped silently).
     """
-    if kind == "procedural":
+    if kind in ("procedural", "learned"):
         return {}
     if not path:
         flag = "--mask-dir" if kind == "files" else "--data"
@@ -184,7 +185,7 @@ def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
             meta = sample["meta"]
             pool.setdefault(meta.get("defect_type", "*"), []).append(
                 (mask, f"{path}:{sample['key']}", meta.get("category", "")))
-    if not pool:
+    if not pool and kind != "augmented":  # augmented names the defect type that has none (generate/spec.py)
         first = f" (e.g. {empty[0]})" if empty else ""
         raise ValueError(f"{path} holds no mask with defect pixels{first}; masks are white (> 127) where the "
                          "defect is, so pass mask PNGs or a data set with non-empty defect masks.")

@@ -15,6 +15,8 @@ of its nearest real image by LPIPS, among 10 real images of its type drawn by a 
 mean pairwise LPIPS within clusters) when LPIPS weights are
 available locally (--lpips-weights); always also `masked_pixel_diversity`, the mean absolute pixel
 difference inside the masks between pairs of generated images, which is cheap and is not LPIPS.
+Masks: area, elongation, components and position on the object, generated against real per type
+(`mask_stats.py`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
+from defect_ds.evaluate.mask_stats import compare_masks, save_mask_figure
 from defect_ds.evaluate.report import markdown_report, save_pair_grid
 from defect_ds.utils.device import resolve_device
 
@@ -377,8 +380,12 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
         if real_t:
             rows.append((f"{t}: real", real_t))
     grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=max(64, min(256, size)))
+    comparison = compare_masks(gen, real_all, types)  # do the generated masks look like the real ones?
+    report["masks"] = {t: {side: e[side] for side in ("generated", "real")} for t, e in comparison.items()}
+    figure = save_mask_figure(comparison, out_dir / "masks.png")
+    pictures = [str(grid)] + ([str(figure)] if figure else [])
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(report, [str(grid)]))
+    (out_dir / "report.md").write_text(markdown_report(report, pictures))
     return report
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from defect_ds.data.sample import mask_array
+from defect_ds.evaluate.mask_stats import masks_markdown
 
 OVERLAY_RGB = (255, 40, 40)
 
@@ -130,6 +131,8 @@ def markdown_report(report: dict, grid_files: list[str]) -> str:
         notes += [f"{name.strip('*')}: {n}" for n in m.get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if report.get("masks"):
+        lines += [""] + masks_markdown(report["masks"])
     for g in grid_files:
         lines += ["", f"![{Path(g).stem}]({Path(g).name})"]
     return "\n".join(lines) + "\n"

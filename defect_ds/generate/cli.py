@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength, resolution_px=int(resolution), prompt=args.prompt,
         negative_prompt=args.negative_prompt, category=args.category, seed=args.seed, mask_source=args.masks,
         mask_kind=args.mask_kind, mask_size=tuple(args.mask_size),
+        mask_data=str(Path(args.data).resolve()) if args.data else "",
+        mask_model=str(Path(args.mask_model).resolve()) if args.mask_model else "",
         precision="bf16" if dtype == torch.bfloat16 else "fp32", export=info["export"],
         export_step=info["export_step"], base_model=info["base_model"], lora=info["lora"],
         embeddings=info["embeddings"], mask_gating=info["mask_gating"], mask_resize=info["mask_resize"])
@@ -55,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
     # here leaves nothing behind that a corrected call would have to match
     pool = load_mask_pool(settings.mask_source, args.mask_dir or args.data, settings.resolution_px)
     sources = load_sources(args.sources, settings.resolution_px) if settings.mode == "inpaint" else []
+    sampler = None
+    if settings.mask_source == "learned":
+        from defect_ds.generate.mask_model import load_mask_model
+
+        sampler = load_mask_model(args.mask_model, settings.resolution_px, defect_types).sample
     specs = plan_samples(tokens, defect_types, args.num_per_type, settings, mask_pool=pool, sources=sources,
-                         loose_weights=not args.run)
+                         loose_weights=not args.run, mask_sampler=sampler)
     out_dir = Path(args.out_dir)
     check_resume(out_dir, settings)
     set_scheduler(pipe, settings.scheduler)
@@ -113,7 +120,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     masks = p.add_argument_group("masks")
     masks.add_argument("--masks", choices=MASK_SOURCES, default="procedural")
     masks.add_argument("--mask-dir", help="--masks files: folder of mask PNGs (subfolders per defect type)")
-    masks.add_argument("--data", help="--masks dataset: shards folder whose masks to reuse, per defect type")
+    masks.add_argument("--data", help="--masks dataset or augmented: the few shots (shards folder) whose masks "
+                       "to reuse or augment, per defect type")
+    masks.add_argument("--mask-model", help="--masks learned: a mask model folder (`defect-ds train-masks`)")
     masks.add_argument("--mask-kind", choices=KINDS, default="mixed", help="procedural masks: shape")
     masks.add_argument("--mask-size", type=float, nargs=2, default=[0.15, 0.4], metavar=("MIN", "MAX"),
                        help="procedural masks: extent as a fraction of the object's size")
@@ -148,15 +157,16 @@ def _checked_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mask-size {lo} {hi} is invalid: use 0 < MIN <= MAX <= 1.")
     if args.run and (args.lora or args.embeddings):
         raise ValueError("Pass either --run or --lora/--embeddings, not both.")
-    needs = {"files": ("mask_dir", "--mask-dir DIR (a folder of mask PNGs)"),
-             "dataset": ("data", "--data DIR (a data set whose defect masks to reuse)")}
-    for kind, (attr, flag) in needs.items():
+    needs = {"mask_dir": (("files",), "--mask-dir DIR (a folder of mask PNGs)"),
+             "data": (("dataset", "augmented"), "--data DIR (a data set whose defect masks to use)"),
+             "mask_model": (("learned",), "--mask-model DIR (made by `defect-ds train-masks`)")}
+    for attr, (kinds, flag) in needs.items():
         given = getattr(args, attr)
-        if args.masks == kind and not given:
-            raise ValueError(f"--masks {kind} needs {flag}; add it or use --masks procedural.")
-        if given and args.masks != kind:  # else the folder would be silently ignored
-            raise ValueError(f"--{attr.replace('_', '-')} is only read with --masks {kind}; add --masks {kind} "
-                             "or drop the flag.")
+        if args.masks in kinds and not given:
+            raise ValueError(f"--masks {args.masks} needs {flag}; add it or use --masks procedural.")
+        if given and args.masks not in kinds:  # else the folder would be silently ignored
+            raise ValueError(f"--{attr.replace('_', '-')} is only read with --masks {' or '.join(kinds)}; add "
+                             f"--masks {kinds[0]} or drop the flag.")
     if args.mode == "inpaint" and not args.sources:
         raise ValueError("--mode inpaint needs --sources DIR (good images, or a data set's good samples).")
     if args.sources and args.mode != "inpaint":

@@ -1,8 +1,10 @@
 """Random defect masks drawn procedurally: strokes (scratches, cracks) and blobs (stains, dents).
 
 Masks are sized relative to the object and placed on it: the object is estimated from the image as
-the pixels that differ from the border colour (industrial photos have a plain background), and the
-drawn shape is clipped to it. Everything is seeded, so a sample key always gets the same mask.
+the pixels that differ from the border colour (industrial photos have a plain background; see
+`data/objects.py`, which evaluation shares), and the drawn shape is clipped to it. Real masks of the
+few shots can be augmented and placed on the object the same way (`augment_mask`, `place_on_object`).
+Everything is seeded, so a sample key always gets the same mask.
 
     python -c "from defect_ds.generate.masks import random_mask; import numpy as np; \
 print(random_mask(64, 64, np.random.default_rng(0)).sum())"
@@ -14,33 +16,11 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from defect_ds.data.objects import centre_region, object_region  # noqa: F401  (where masks go; re-exported)
+
 KINDS = ("stroke", "blob", "mixed")
-
-
-def object_region(image: np.ndarray, threshold: int = 24, min_fraction: float = 0.05,
-                  margin_fraction: float = 0.125) -> np.ndarray:
-    """A bool (H, W) estimate of where the object is in an RGB uint8 image.
-
-    Pixels whose colour differs from the median border colour by more than `threshold` (any
-    channel) count as object. When that finds less than `min_fraction` of the image (a textured
-    surface filling the frame, or a flat image) the whole image minus a margin is used instead.
-    """
-    h, w = image.shape[:2]
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.int16)
-    background = np.median(border, axis=0)
-    region = (np.abs(image.astype(np.int16) - background).max(axis=-1) > threshold)
-    region = _erode(region, max(1, round(min(h, w) * 0.02)))  # keep defects off the object's edge
-    if region.mean() < min_fraction:
-        return centre_region(h, w, margin_fraction)
-    return region
-
-
-def centre_region(height: int, width: int, margin_fraction: float = 0.125) -> np.ndarray:
-    """The whole image minus a margin on every side, as a bool (H, W) array."""
-    region = np.zeros((height, width), bool)
-    my, mx = round(height * margin_fraction), round(width * margin_fraction)
-    region[my:height - my, mx:width - mx] = True
-    return region
+_SUPERSAMPLE = 4  # augmented masks are transformed at 4x and area-averaged back
+_COVERAGE = 0.4  # share of a pixel the transformed shape must cover to be defect
 
 
 def random_mask(height: int, width: int, rng: np.random.Generator, region: np.ndarray | None = None,
@@ -105,12 +85,107 @@ def _draw_blob(draw: ImageDraw.ImageDraw, centre: tuple[float, float], diameter:
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
 
 
-def _erode(region: np.ndarray, pixels: int) -> np.ndarray:
-    """Binary erosion by a (2p+1) square, in numpy (no scipy dependency)."""
-    out = region.copy()
-    padded = np.pad(region, pixels, constant_values=False)
-    h, w = region.shape
-    for dy in range(2 * pixels + 1):
-        for dx in range(2 * pixels + 1):
-            out &= padded[dy:dy + h, dx:dx + w]
-    return out
+# ---- real masks, augmented and placed on the object --------------------------------------------
+
+def augment_mask(mask: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float] = (0.75, 1.25),
+                 elastic_strength: tuple[float, float] = (0.3, 0.8)) -> tuple[np.ndarray, dict]:
+    """A real defect's shape, randomly rotated, scaled, flipped and elastically deformed, cropped to its
+    bounding box: (uint8 0/1 patch, the parameters drawn). Every draw comes from `rng`, so a sample key
+    always gets the same shape; the parameters are returned to be recorded with the sample.
+
+    torchvision's own transforms do the work, on the shape supersampled 4x and bilinear, then
+    area-averaged back and thresholded, so edges stay smooth, a 1-px scratch stays connected and the
+    result is exactly 0/1. The elastic displacement is drawn by `ElasticTransform` from torch's
+    generator, forked and seeded from `rng`.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms.v2 import ElasticTransform, InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    patch = _crop_to_defect(mask)
+    params = {"angle_deg": float(rng.uniform(0, 360)), "scale": float(rng.uniform(*scale_range)),
+              "hflip": bool(rng.integers(2)), "vflip": bool(rng.integers(2)),
+              "elastic_seed": int(rng.integers(2**31)), "elastic_strength": float(rng.uniform(*elastic_strength))}
+    h, w = patch.shape
+    # a canvas that holds the shape whatever the rotation and scale, plus room to deform
+    side = max(int(math.ceil(math.hypot(h, w) * max(params["scale"], 1.0) * 1.2)), h, w) + 4
+    canvas = np.zeros((side, side), np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = patch
+    x = torch.from_numpy(canvas)[None, None].repeat_interleave(_SUPERSAMPLE, -1).repeat_interleave(_SUPERSAMPLE, -2)
+    if params["hflip"]:
+        x = TF.horizontal_flip(x)
+    if params["vflip"]:
+        x = TF.vertical_flip(x)
+    x = TF.affine(x, angle=params["angle_deg"], translate=[0.0, 0.0], scale=params["scale"], shear=[0.0, 0.0],
+                  interpolation=InterpolationMode.BILINEAR)
+    sigma = 0.12 * side  # smooth: the shape bends, its edge does not fray
+    params.update(elastic_sigma_px=round(sigma, 3), elastic_alpha=params["elastic_strength"] * side * sigma)
+    elastic = ElasticTransform(alpha=params["elastic_alpha"], sigma=sigma, interpolation=InterpolationMode.BILINEAR)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params["elastic_seed"])
+        # drawn at the mask's own size (blurring the 4x grid is slow), in normalised units, so the
+        # same field upsampled moves the supersampled shape by the same amount
+        field = elastic.make_params([torch.zeros(1, side, side)])["displacement"]
+    field = F.interpolate(field.permute(0, 3, 1, 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    deformed = TF.elastic(x, field.permute(0, 2, 3, 1), interpolation=InterpolationMode.BILINEAR)
+
+    def binary(t: torch.Tensor) -> np.ndarray:
+        return (F.avg_pool2d(t, _SUPERSAMPLE)[0, 0].numpy() >= _COVERAGE).astype(np.uint8)
+
+    out = binary(deformed)
+    if not out.any():  # deformed to nothing: the rotated, scaled shape instead
+        out = binary(x)
+        params["elastic_skipped"] = True
+    if not out.any():
+        out = patch.copy()
+        params["affine_skipped"] = True
+    return _crop_to_defect(out), params
+
+
+def place_on_object(patch: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The patch (uint8 0/1, cropped to its defect) put at a random position where every defect pixel
+    lies on `region`; shrunk (nearest) until it fits. Returns the (H, W) uint8 mask and where it went."""
+    from scipy.signal import fftconvolve
+
+    if not region.any():
+        raise ValueError("The object region must be non-empty.")
+    ys, xs = np.nonzero(region)
+    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    shrink = min(1.0, box_h / patch.shape[0], box_w / patch.shape[1])
+    outside = (~region).astype(np.float32)
+    for attempt in range(12):
+        shape = patch if shrink >= 1.0 else _resize_binary(patch, shrink)
+        ph, pw = shape.shape
+        if ph <= region.shape[0] and pw <= region.shape[1]:
+            # pixels of the shape that would fall off the object, for every top-left position
+            spill = fftconvolve(outside, shape[::-1, ::-1].astype(np.float32), mode="valid")
+            ok = np.argwhere(spill < 0.5)
+            if len(ok):
+                top, left = (int(v) for v in ok[int(rng.integers(len(ok)))])
+                out = np.zeros(region.shape, np.uint8)
+                out[top:top + ph, left:left + pw] = shape
+                out &= region.astype(np.uint8)  # exact already; guards against fft rounding
+                if out.any():
+                    return out, {"offset_yx": [top, left], "placed_scale": round(float(shrink), 4)}
+        shrink *= 0.75
+    out = np.zeros(region.shape, np.uint8)  # a region too thin for any shape: one region pixel
+    i = int(rng.integers(len(ys)))
+    out[ys[i], xs[i]] = 1
+    return out, {"offset_yx": [int(ys[i]), int(xs[i])], "placed_scale": 0.0}
+
+
+def _crop_to_defect(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise ValueError("A mask with no defect pixel has no shape to augment.")
+    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8)
+
+
+def _resize_binary(patch: np.ndarray, factor: float) -> np.ndarray:
+    """Nearest resize by `factor`, then cropped to the defect; a shape that vanishes keeps one pixel."""
+    h, w = patch.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    out = (np.asarray(Image.fromarray(patch * 255).resize(size, Image.NEAREST)) > 127).astype(np.uint8)
+    return _crop_to_defect(out) if out.any() else np.ones((1, 1), np.uint8)

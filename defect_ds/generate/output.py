@@ -35,7 +35,7 @@ def write_sample(out_dir: Path, spec: SampleSpec, image: np.ndarray, settings: G
     """Writes samples/<key>/ under a temporary name and renames it, so a folder that exists is complete."""
     generation = asdict(settings)
     generation.update(prompt=spec.prompt, seed=spec.seed, token=spec.token, mask_origin=spec.mask_origin,
-                      source_image=spec.source_origin)
+                      source_image=spec.source_origin, **spec.extra)
     if spec.source is not None and raw is not None:  # how well the model alone kept to the mask; after
         # compositing it is 1.0
         generation["mask_localisation_before_composite"] = mask_localisation(raw, spec.source, spec.mask)
@@ -104,8 +104,9 @@ def check_resume(out_dir: Path, settings: GenerationSettings) -> None:
     started = any((out_dir / "samples").glob("*/json"))
     if path.is_file() and started:
         old = json.loads(path.read_text())
+        defaults = json.loads(json.dumps(asdict(GenerationSettings())))  # settings added since: their defaults
         for key, value in current.items():
-            if key not in IGNORED_ON_RESUME and old.get(key) != value:
+            if key not in IGNORED_ON_RESUME and old.get(key, defaults[key]) != value:
                 raise ValueError(f"{out_dir} was generated with {key}={old.get(key)!r}, not {value!r}; resume "
                                  "with the same flags or write to a new folder.")
     out_dir.mkdir(parents=True, exist_ok=True)

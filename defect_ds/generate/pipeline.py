@@ -52,7 +52,8 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
     export names) or `base_model` with `lora` (a .safetensors file or its folder) and/or
     `embeddings` (see `resolve_embeddings`). Returns (pipe, {defect_type: token}, info) where info
     records where the weights came from and how the mask gates them.
-    mask_resize: how the gate resizes masks (None: as the export was trained, else nearest).
+    mask_resize: how the gate resizes masks (None: as the export.json of the weights says, else nearest,
+    the default of exports older than the field).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -88,7 +89,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
                 pipe.load_lora_weights(str(lora_path))
             lora_file = str(lora_path.resolve())
             if mask_gating:
-                enable_mask_gating(pipe.unet, mask_resize or "nearest")
+                enable_mask_gating(pipe.unet, mask_resize or _trained_mask_resize(lora_path))
         if loose:
             pipe.load_textual_inversion(sorted({str(f) for _, f in loose.values()}))
     pipe.to(device)
@@ -144,6 +145,16 @@ def _type_from_export(file: Path, token: str) -> str:
             continue
         return next((t for t, tok in tokens.items() if tok == token), "")
     return ""
+
+
+def _trained_mask_resize(lora_path: Path) -> str:
+    """How the run that wrote a loose LoRA gated its masks: the export.json beside it says, else nearest
+    (the default before exports recorded it)."""
+    folder = lora_path if lora_path.is_dir() else lora_path.parent
+    try:
+        return read_export_meta(folder).get("mask_resize", "nearest")
+    except FileNotFoundError:
+        return "nearest"
 
 
 def _token_of(path: Path) -> str:

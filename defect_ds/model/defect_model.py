@@ -82,6 +82,7 @@ class DefectDiffusionModel(nn.Module):
         latents = self.encode(batch, generator)
         noise = objective.sample_noise(latents, self.loss_cfg.noise_offset, generator)
         timesteps = objective.sample_timesteps(latents.shape[0], len(self.alphas_cumprod), generator, device)
+        mask = objective.unmask_some(mask, self.loss_cfg.unmasked_probability, generator)
         noisy = objective.add_noise(latents, noise, timesteps, self.alphas_cumprod)
         target = objective.prediction_target(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
         input_ids = self.token_ids(batch["caption"]).to(device)
@@ -90,13 +91,26 @@ class DefectDiffusionModel(nn.Module):
         text_embeds = batch.get("text_embeds")
         if text_embeds is not None:
             text_embeds = text_embeds.to(device, non_blocking=True)
+        prior_weight = self.loss_cfg.prior_preservation_weight
+        base_pred = None
+        if prior_weight > 0:
+            if not self.mask_gating:
+                raise ValueError("loss.prior_preservation_weight needs mask-gated LoRA (the base model's "
+                                 "prediction is a zero-mask forward); set it to 0 or enable lora.mask_gating.")
+            # before the real forward: the mask stays set through backward, where checkpointed blocks
+            # recompute with it, so the last one set must be the batch's own
+            with torch.no_grad():
+                base_pred = (denoise or self)(noisy, timesteps, input_ids, torch.zeros_like(mask), text_embeds)
         pred = (denoise or self)(noisy, timesteps, input_ids, mask, text_embeds)
         weights = None
         if self.loss_cfg.min_snr_gamma > 0:
             weights = objective.min_snr_weights(timesteps, self.alphas_cumprod, self.loss_cfg.min_snr_gamma,
                                                 self.prediction_type)
-        return objective.masked_diffusion_loss(pred, target, objective.latent_mask(mask, latents.shape[-2:]),
-                                               self.loss_cfg, weights)
+        small_mask = objective.latent_mask(mask, latents.shape[-2:])
+        loss = objective.masked_diffusion_loss(pred, target, small_mask, self.loss_cfg, weights)
+        if base_pred is not None:
+            loss = loss + prior_weight * objective.prior_preservation_loss(pred, base_pred, small_mask, weights)
+        return loss
 
     @torch.no_grad()
     def encode(self, batch: dict, generator: torch.Generator) -> torch.Tensor:

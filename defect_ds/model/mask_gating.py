@@ -25,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Adapters of these layers act on text tokens, not on spatial positions.
-_TEXT_INPUT_SUFFIXES = ("attn2.to_k", "attn2.to_v", "add_k_proj", "add_v_proj")
+from defect_ds.config import TEXT_SIDE_TARGETS
+
+# Adapters of these layers act on text tokens, not on spatial positions (one list, shared with the
+# config check of prior preservation).
+_TEXT_INPUT_SUFFIXES = TEXT_SIDE_TARGETS
 
 
 RESIZE_MODES = ("nearest", "max")
@@ -65,7 +68,7 @@ class MaskGate:
         self._cache.clear()
 
     def gate_for(self, output: torch.Tensor) -> torch.Tensor | None:
-        """The mask resized (nearest) to the grid of `output`, broadcastable to it, or None."""
+        """The mask resized (nearest or max) to the grid of `output`, broadcastable to it, or None."""
         mask = self.mask
         if mask is None or output.dim() not in (3, 4):
             return None

@@ -87,3 +87,28 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
     return per_sample.mean()
+
+
+def unmask_some(mask: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """The batch's (B, 1, H, W) masks with each sample's replaced by all ones with `probability`
+    (loss.unmasked_probability). Draws from `generator` only when probability > 0, so runs without
+    the option keep their noise and timesteps."""
+    if probability <= 0:
+        return mask
+    draw = torch.rand((mask.shape[0],), generator=generator, device=generator.device).to(mask.device)
+    full = (draw < probability).view(-1, 1, 1, 1)
+    return torch.where(full, torch.ones_like(mask), mask)
+
+
+def prior_preservation_loss(pred: torch.Tensor, base_pred: torch.Tensor, mask: torch.Tensor,
+                            sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of each sample's background-area mean squared distance to the base model's
+    prediction: outside the mask the fine-tuned model is pulled to what the base model does there.
+
+    mask: (B, 1, h, w) 0/1 at latent resolution; a sample with no background adds 0."""
+    err = (pred.float() - base_pred.float()).pow(2).mean(dim=1, keepdim=True)
+    background = 1 - mask.float()
+    per_sample = (err * background).sum((1, 2, 3)) / background.sum((1, 2, 3)).clamp(min=1)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights
+    return per_sample.mean()

@@ -86,7 +86,8 @@ def find_export(path: str | Path) -> Path:
 def load_export(pipe, export_dir: str | Path, mask_gating: bool = True, mask_resize: str | None = None) -> dict:
     """Loads LoRA (or full UNet), learned tokens and mask gating into a diffusers SD pipeline.
 
-    mask_resize: how the gate resizes masks; None takes the one the run trained with."""
+    mask_resize: how the gate resizes masks; None takes the one the run trained with, and nearest for
+    exports older than the field (they were trained with nearest, the default then)."""
     from diffusers import UNet2DConditionModel
 
     export_dir = find_export(export_dir)

@@ -46,6 +46,12 @@ def test_json_round_trip(tmp_path):
     (["--data.resolution_px=65"], ["data.resolution_px", "65", "multiple of 8"]),
     (["--model.unet_mode=frozen", "--textual_inversion.enabled=false"], ["Nothing trains"]),
     (["train.max_steps=3"], ["--section.field=value"]),
+    (["--loss.unmasked_probability=1.5"], ["loss.unmasked_probability", "1.5", "[0, 1]"]),
+    (["--loss.prior_preservation_weight=-1"], ["loss.prior_preservation_weight", "-1"]),
+    (["--loss.prior_preservation_weight=1", "--model.unet_mode=full"], ["prior_preservation_weight", "full"]),
+    (["--loss.prior_preservation_weight=1", "--lora.mask_gating=false"], ["lora.mask_gating"]),
+    (["--loss.prior_preservation_weight=1", "--lora.target_modules=attn1.to_q,attn2.to_v"],
+     ["attn2.to_v", "never gated"]),
 ])
 def test_bad_settings_get_one_sentence_naming_the_field(args, words):
     with pytest.raises(ConfigError) as e:

@@ -196,6 +196,10 @@ def test_evaluate_reports_localisation_and_diversity_unavailable_without_lpips(i
     assert group["ic_lpips"] is None and "--lpips-weights" in group["ic_lpips_unavailable"]
     assert group["masked_pixel_diversity"] > 0
     assert any("IC-LPIPS not computed" in n for n in report["notes"])
+    masks = report["masks"]["scratch"]  # the generated masks against the real ones (here the same)
+    assert masks["generated"]["num_masks"] == 3 and masks["generated"] == masks["real"]
+    assert (tmp_path / "e" / "masks.png").is_file() and "## Masks: generated against real" in (
+        tmp_path / "e" / "report.md").read_text()
 
     partial = tmp_path / "lpips"
     partial.mkdir()

@@ -98,6 +98,30 @@ def test_build_pipeline_loads_the_trainer_export(trained_run):
     assert getattr(pipe.unet, "mask_gate", None) is not None and pipe.unet.mask_gate.gated_layers
 
 
+def test_mask_resize_follows_the_export_and_old_exports_stay_nearest(trained_run, tmp_path):
+    """Training defaults to max now; an export records its resize and generation gates the same way,
+    and an export.json without the field (written when nearest was the default) keeps nearest."""
+    from defect_ds.config import LoraConfig
+    from defect_ds.generate.pipeline import build_pipeline
+
+    assert LoraConfig().mask_resize == "max"
+    export = trained_run["run_dir"] / "export"
+    meta = json.loads((export / "export.json").read_text())
+    assert "mask_resize" not in meta  # the fixture is an old export
+    got = {}
+    for name, recorded in (("old", None), ("nearest", "nearest"), ("max", "max")):
+        folder = tmp_path / name / "export"
+        shutil.copytree(export, folder)
+        if recorded:
+            (folder / "export.json").write_text(json.dumps({**meta, "mask_resize": recorded}))
+        got[name] = build_pipeline(run=str(folder))[2]["mask_resize"]
+    assert got == {"old": "nearest", "nearest": "nearest", "max": "max"}
+    # a loose LoRA takes the export.json beside it; the flag overrides either
+    lora = tmp_path / "max" / "export" / "pytorch_lora_weights.safetensors"
+    assert build_pipeline(base_model=meta["base_model"], lora=str(lora))[2]["mask_resize"] == "max"
+    assert build_pipeline(run=str(tmp_path / "max"), mask_resize="nearest")[2]["mask_resize"] == "nearest"
+
+
 def test_inpaint_keeps_every_pixel_outside_the_mask(trained_run, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
@@ -230,6 +254,54 @@ def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, 
         assert meta["generation"]["token"] == "sks_scratch" and meta["generation"]["scheduler"] == "euler"
     # only generated types get a token in the manifest: a run on these shards learns no empty token
     assert json.loads((out / "shards" / "manifest.json").read_text())["defect_tokens"] == {"scratch": "sks_scratch"}
+
+
+def _write_shots(folder: Path, samples: list[tuple[str, np.ndarray, np.ndarray]]) -> Path:
+    """A one-shard data set of (defect_type, image, mask) samples, category pill."""
+    import io
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
+        for i, (defect_type, image, mask) in enumerate(samples):
+            png, mpng = io.BytesIO(), io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            Image.fromarray(mask * 255).save(mpng, format="PNG")
+            sink.write({"__key__": f"s{i}", "image.png": png.getvalue(), "mask.png": mpng.getvalue(),
+                        "caption.txt": "a photo", "json": {"category": "pill", "defect_type": defect_type,
+                                                           "source": "real", "split": "train", "size": [64, 64]}})
+    return folder
+
+
+def test_augmented_masks_end_to_end_and_a_type_without_shots(trained_run, tmp_path, capsys):
+    good = _object_image(11)
+    scratch = np.zeros((64, 64), np.uint8)
+    scratch[28:31, 20:44] = 1
+    data = _write_shots(tmp_path / "shots", [("scratch", _object_image(3), scratch),
+                                             ("stain", _object_image(4), np.zeros((64, 64), np.uint8)),
+                                             ("good", good, np.zeros((64, 64), np.uint8))])
+    run = str(trained_run["run_dir"])
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", run, "--mode", "inpaint", "--sources", str(data), "--masks", "augmented",
+            "--data", str(data), "--defect-types", "scratch", "--num-per-type", "2", "--steps", "1", "--no-progress"]
+    assert main(args) == 0
+    region = object_region(good)
+    for folder in _samples(out).values():
+        mask = _read(folder / "mask.png", "L")
+        assert set(np.unique(mask)) == {0, 255} and not ((mask > 0) & ~region).any()
+        gen = json.loads((folder / "json").read_text())["generation"]
+        assert gen["mask_source"] == "augmented" and gen["mask_origin"].startswith("augmented:")
+        assert gen["mask_augmentation"]["elastic_seed"] >= 0 and "offset_yx" in gen["mask_placement"]
+    # the stain shot's mask is empty: augmented says so and names the type
+    capsys.readouterr()
+    bad = [a if a != "scratch" else "stain" for a in args]
+    bad[1] = str(tmp_path / "gen2")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "'stain'" in err and "--masks augmented" in err
+    assert main(["generate", str(tmp_path / "gen3"), "--run", run, "--data", str(data), "--no-progress"]) == 2
+    assert "--masks dataset or augmented" in capsys.readouterr().err
 
 
 def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
@@ -439,3 +511,28 @@ def test_bf16_generation_on_gpu(trained_run, tmp_path):
         assert json.loads((folder / "json").read_text())["generation"]["precision"] == "bf16"
         mask = _read(folder / "mask.png", "L") == 0
         assert np.array_equal(_read(folder / "image.png")[mask], _read(folder / "source.png")[mask])
+
+
+def test_learned_masks_end_to_end(trained_run, tmp_path, capsys):
+    from defect_ds.generate.mask_model import train_mask_model
+
+    masks = []
+    for v in (10, 30):
+        m = np.zeros((64, 64), np.uint8)
+        m[v:v + 6, 20:40] = 1
+        masks.append(m)
+    data = _write_shots(tmp_path / "shots", [("scratch", _object_image(3), masks[0]),
+                                             ("stain", _object_image(4), masks[1])])
+    model = train_mask_model(str(data), tmp_path / "mm", resolution_px=64, steps=2, batch_size=2, log_every=0,
+                             bank_per_type=2)
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--masks", "learned", "--mask-model",
+            str(model), "--num-per-type", "1", "--steps", "1", "--no-progress"]
+    assert main(args) == 0
+    for folder in _samples(out).values():
+        assert set(np.unique(_read(folder / "mask.png", "L"))) == {0, 255}
+        gen = json.loads((folder / "json").read_text())["generation"]
+        assert gen["mask_source"] == "learned" and gen["mask_model"] == str(model.resolve())
+    capsys.readouterr()
+    assert main(args[:1] + [str(tmp_path / "gen2")] + args[2:] + ["--resolution-px", "32"]) == 2
+    assert "draws 64 px masks but generation is at 32 px" in capsys.readouterr().err

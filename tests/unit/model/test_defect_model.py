@@ -58,3 +58,80 @@ def test_denoise_is_the_callable_that_runs_the_forward_pass(tiny_model_dir):
     direct = model.loss(_batch(), torch.Generator().manual_seed(3))
     via = model.loss(_batch(), torch.Generator().manual_seed(3), denoise=engine)
     assert len(calls) == 1 and torch.equal(direct, via)
+
+
+def _loss_model(tiny_model_dir, **loss_fields):
+    """The tiny model with random (non-zero) adapters, so LoRA changes its predictions."""
+    cfg, model = _model(tiny_model_dir, activation_checkpointing=False)
+    for k, v in loss_fields.items():
+        setattr(model.loss_cfg, k, v)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_unmasked_probability_one_is_the_loss_of_an_all_ones_mask(tiny_model_dir):
+    model = _loss_model(tiny_model_dir)
+    batch, ones = _batch(), _batch()
+    ones["mask"] = torch.ones_like(batch["mask"])
+    masked = model.loss(batch, torch.Generator().manual_seed(5))
+    full = model.loss(ones, torch.Generator().manual_seed(5))
+    assert not torch.allclose(masked, full)  # the mask matters for this model
+    model.loss_cfg.unmasked_probability = 1.0
+    unmasked = model.loss(batch, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(unmasked, full)  # same noise and timesteps, the gate and loss open everywhere
+    assert torch.equal(model.unet.mask_gate.mask, torch.ones_like(batch["mask"]))
+
+
+def test_unmasked_probability_picks_whole_samples_by_the_generator():
+    from defect_ds.model.objective import unmask_some
+
+    mask = torch.zeros(4000, 1, 4, 4)
+    mask[..., 1, 1] = 1
+    out = unmask_some(mask, 0.25, torch.Generator().manual_seed(0))
+    full = out.flatten(1).all(1)
+    assert torch.equal(out[~full], mask[~full])  # the rest keep their own mask
+    assert 0.22 < full.float().mean() < 0.28
+    assert torch.equal(out, unmask_some(mask, 0.25, torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    assert unmask_some(mask, 0.0, g) is mask and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_prior_preservation_pulls_the_background_to_the_base_model(tiny_model_dir):
+    """The added term is the background mean of (prediction - base prediction)^2, the base being the
+    UNet with its adapters switched off (not merely the zero mask the code uses for it)."""
+    from defect_ds.model.objective import latent_mask
+
+    model = _loss_model(tiny_model_dir)
+    batch = _batch()
+    calls = []
+
+    def engine(*args):
+        calls.append(args)
+        return model(*args)
+
+    plain = model.loss(batch, torch.Generator().manual_seed(9))
+    model.loss_cfg.prior_preservation_weight = 2.0
+    with_prior = model.loss(batch, torch.Generator().manual_seed(9), denoise=engine)
+    assert len(calls) == 2 and not calls[0][3].any()  # one extra forward, with a zero mask
+    assert torch.equal(model.unet.mask_gate.mask, batch["mask"])  # the batch's mask is set last (backward)
+    noisy, t, ids, mask, embeds = calls[1]
+    with torch.no_grad():
+        pred = model(noisy, t, ids, mask, embeds)
+        model.unet.disable_adapters()
+        base = model(noisy, t, ids, mask, embeds)
+        model.unet.enable_adapters()
+    background = 1 - latent_mask(mask, noisy.shape[-2:])
+    err = (pred - base).pow(2).mean(1, keepdim=True)
+    expected = ((err * background).sum((1, 2, 3)) / background.sum((1, 2, 3))).mean()
+    assert expected > 1e-6  # the adapters do change the background through attention
+    torch.testing.assert_close(with_prior - plain, 2.0 * expected, rtol=1e-4, atol=1e-7)
+
+
+def test_prior_preservation_adds_nothing_when_the_adapters_are_zero(tiny_model_dir):
+    _, model = _model(tiny_model_dir, activation_checkpointing=False)  # fresh LoRA: B = 0
+    plain = model.loss(_batch(), torch.Generator().manual_seed(2))
+    model.loss_cfg.prior_preservation_weight = 5.0
+    assert torch.equal(model.loss(_batch(), torch.Generator().manual_seed(2)), plain)
