@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from defect_ds.generate.masks import object_region
+from defect_ds.data.objects import object_region
 
 ARMS = ("real", "copy-paste", "generated", "real+generated")
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from defect_ds.data.objects import centre_region, object_region  # noqa: F401  (where masks go; re-exported)
+from defect_ds.data.objects import centre_region
 
 KINDS = ("stroke", "blob", "mixed")
 _SUPERSAMPLE = 4  # augmented masks are transformed at 4x and area-averaged back

@@ -9,7 +9,7 @@ import pytest
 
 from defect_ds.cli import main
 from defect_ds.generate.mask_model import META_FILE, load_mask_model, train_mask_model
-from defect_ds.generate.masks import object_region
+from defect_ds.data.objects import object_region
 from defect_ds.generate.spec import GenerationSettings, plan_samples
 
 

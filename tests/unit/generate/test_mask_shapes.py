@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defect_ds.generate.masks import augment_mask, object_region, place_on_object
+from defect_ds.data.objects import object_region
+from defect_ds.generate.masks import augment_mask, place_on_object
 from defect_ds.generate.spec import GenerationSettings, plan_samples
 
 
