@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from defect_ds.config import ConfigError, load_config
@@ -34,28 +35,53 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
     # torch and the library load only once the config is valid: a bad setting fails in a second
+    from defect_ds.train.preflight import check_run_inputs
+
+    try:  # every input, before the process group, the model or the run dir: nothing is written on failure
+        inputs = check_run_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank reads the same files: one says it
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
-    from defect_ds.train.distributed import init_distributed
+    from defect_ds.train.checkpoint import CheckpointWriteError
+    from defect_ds.train.distributed import init_distributed, lost_peer
     from defect_ds.train.monitors import TrainingDiverged
     from defect_ds.train.trainer import Trainer
 
     dist_info = init_distributed(cfg.train.collective_timeout_s)
-    trainer = Trainer(cfg, dist_info)
+    trainer = Trainer(cfg, dist_info, inputs)
     try:
         trainer.setup()
         trainer.train()
-    except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError) as e:
+    except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError,
+            CheckpointWriteError) as e:
         # one rank's error ends this process; the launcher then stops the others, and a rank on
         # another node waiting in a collective gives up after train.collective_timeout_s
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        # the rank that failed printed its own sentence; this one only lost its connection to it
+        print(f"train.py: rank {dist_info.rank} stopped: another rank failed and its error is above.",
+              file=sys.stderr)
+        return 1
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0
+
+
+def shutdown() -> None:
+    """Leaves the process group; after a peer died that can fail too, and is not news."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:
+            pass
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from defect_ds.data.sample import MASK_THRESHOLD, mask_array
+from defect_ds.data.sample import MASK_THRESHOLD, BadSampleError, mask_array, open_image
 from defect_ds.data.shards import MANIFEST, read_manifest
 from defect_ds.data.transforms import fit_square
 
@@ -29,11 +29,25 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 MaskPool = dict[str, list[tuple[np.ndarray, str, str]]]  # defect type or "*" -> [(mask, origin, category)]
 
 
-def _open(data: bytes | str | Path) -> Image.Image:
+def _open(data: bytes | str | Path | Image.Image) -> Image.Image:
+    if isinstance(data, Image.Image):  # decoded and checked already (see `checked_image`)
+        return data
     return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
-def load_rgb(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
+def checked_image(data: bytes | str | Path, name: str, skipped: list[str] | None) -> Image.Image | None:
+    """The fully decoded image, or, for a truncated or corrupt one, an error naming `name` (skipped is
+    None) or None with the file and reason appended to `skipped` (--skip-bad)."""
+    try:
+        return open_image(data, name)
+    except BadSampleError as e:
+        if skipped is None:
+            raise BadSampleError(f"{e} (pass --skip-bad to skip bad inputs and count them)") from None
+        skipped.append(str(e))
+        return None
+
+
+def load_rgb(data: bytes | str | Path | Image.Image, size: int | None = None) -> np.ndarray:
     """A uint8 (H, W, 3) image, made size x size as the training loader does (see `data/transforms.py`)."""
     image = np.asarray(_open(data).convert("RGB"), dtype=np.uint8)
     if size is not None and image.shape[:2] != (size, size):
@@ -42,7 +56,7 @@ def load_rgb(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
     return image.copy()
 
 
-def load_mask(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
+def load_mask(data: bytes | str | Path | Image.Image, size: int | None = None) -> np.ndarray:
     """A uint8 0/1 (H, W) mask from a PNG, resized and cropped as its image is."""
     mask = mask_array(_open(data)).astype(np.uint8)
     if size is not None and mask.shape != (size, size):
@@ -51,7 +65,7 @@ def load_mask(data: bytes | str | Path, size: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(mask)
 
 
-def fit_defect_mask(data: bytes | str | Path, size: int) -> tuple[np.ndarray, bool]:
+def fit_defect_mask(data: bytes | str | Path | Image.Image, size: int) -> tuple[np.ndarray, bool]:
     """A mask without its image, made size x size so that the defect survives: (uint8 0/1 mask, had defect).
 
     The short side is scaled to `size` and the square window slides along the long side to the
@@ -112,7 +126,8 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
     """Samples of a data set: WebDataset shards, a generated samples/ folder, or a folder of images.
 
     Yields {"key", "image" (bytes), "mask" (bytes or None), "meta" (dict), "source" (bytes or None),
-    "caption" (str or None), "kind" ("shards", "folder" or "images")}.
+    "caption" (str or None), "kind" ("shards", "folder" or "images"), "where" (the image's file, or shard
+    and key, for messages), "mask_where"}.
     Plain image folders: the defect type is the image's parent folder name ("all" at the top).
     """
     path = Path(path)
@@ -128,7 +143,8 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
             yield {"key": sample["__key__"], "image": sample["image.png"], "mask": sample.get("mask.png"),
                    "meta": meta, "source": sample.get("source.png"),
                    "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else None,
-                   "kind": "shards"}
+                   "kind": "shards", "where": f"{sample.get('__url__')}:{sample['__key__']}.image.png",
+                   "mask_where": f"{sample.get('__url__')}:{sample['__key__']}.mask.png"}
         return
     for folder in sorted(p.parent for p in path.glob("*/json")):
         meta = json.loads((folder / "json").read_text())
@@ -139,21 +155,23 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
                "meta": meta,
                "source": (folder / "source.png").read_bytes() if (folder / "source.png").is_file() else None,
                "caption": (folder / "caption.txt").read_text() if (folder / "caption.txt").is_file() else None,
-               "kind": "folder"}
+               "kind": "folder", "where": str(folder / "image.png"), "mask_where": str(folder / "mask.png")}
     if any(path.glob("*/json")):
         return
     for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         defect_type = file.parent.name if file.parent != path else "all"
         yield {"key": f"{defect_type}/{file.stem}", "image": file.read_bytes(), "mask": None,
-               "meta": {"defect_type": defect_type}, "source": None, "caption": None, "kind": "images"}
+               "meta": {"defect_type": defect_type}, "source": None, "caption": None, "kind": "images",
+               "where": str(file), "mask_where": ""}
 
 
-def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
+def load_mask_pool(kind: str, path: str | None, size: int, skipped: list[str] | None = None) -> MaskPool:
     """Masks by defect type from a folder of PNGs (subfolders name types) or a data set's masks
     (kind files, or dataset and augmented; procedural and learned read none).
 
     A mask with no defect pixel would label a generated defect with nothing: such files are skipped
     with one warning that counts them (a data set's good samples, empty by design, are skipped silently).
+    A truncated or corrupt file is an error naming it, or, given a `skipped` list (--skip-bad), noted there.
     """
     if kind in ("procedural", "learned"):
         return {}
@@ -167,7 +185,10 @@ def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
         if not folder.is_dir():
             raise FileNotFoundError(f"--mask-dir {folder} is not a folder; pass a folder of mask PNGs.")
         for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-            mask, _ = fit_defect_mask(f, size)
+            image = checked_image(f, str(f), skipped)
+            if image is None:
+                continue
+            mask, _ = fit_defect_mask(image, size)
             if not mask.any():
                 empty.append(str(f))
                 continue
@@ -177,7 +198,10 @@ def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
         for sample in iter_dataset(path):
             if sample["mask"] is None:
                 continue
-            mask, had_defect = fit_defect_mask(sample["mask"], size)
+            image = checked_image(sample["mask"], sample["mask_where"], skipped)
+            if image is None:
+                continue
+            mask, had_defect = fit_defect_mask(image, size)
             if not mask.any():
                 if had_defect:
                     empty.append(f"{path}:{sample['key']}")
@@ -194,17 +218,28 @@ def load_mask_pool(kind: str, path: str | None, size: int) -> MaskPool:
     return pool
 
 
-def load_sources(path: str | None, size: int) -> list[tuple[np.ndarray, str, str]]:
-    """Good images for inpainting: a folder of images, or the defect-free samples of a data set."""
+def load_sources(path: str | None, size: int, skipped: list[str] | None = None) -> list[tuple[np.ndarray, str, str]]:
+    """Good images for inpainting: a folder of images, or the defect-free samples of a data set.
+
+    Every image (and mask) is decoded here, so a truncated or corrupt file is an error naming it before
+    any model loads, or, given a `skipped` list (--skip-bad), noted there and left out."""
     if not path:
         raise ValueError("--mode inpaint needs --sources DIR (good images, or a data set's good samples).")
     out = []
     for sample in iter_dataset(path):
         meta = sample["meta"]
+        mask = None
+        if sample["kind"] != "images" and meta.get("defect_type") != "good" and sample["mask"] is not None:
+            mask = checked_image(sample["mask"], sample["mask_where"], skipped)
+            if mask is None:
+                continue
         is_good = sample["kind"] == "images" or meta.get("defect_type") == "good" or (
-            sample["mask"] is not None and not load_mask(sample["mask"]).any())
+            mask is not None and not load_mask(mask).any())
         if is_good:
-            out.append((load_rgb(sample["image"], size), f"{path}:{sample['key']}", meta.get("category", "")))
+            image = checked_image(sample["image"], sample["where"], skipped)
+            if image is None:
+                continue
+            out.append((load_rgb(image, size), f"{path}:{sample['key']}", meta.get("category", "")))
     if not out:
         raise ValueError(f"{path} holds no good (defect-free) images to inpaint into; pass a folder of "
                          "images or a data set with defect_type 'good' samples.")

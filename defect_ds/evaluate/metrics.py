@@ -4,9 +4,13 @@
 
 Offline by design. torch-fidelity's Inception weights come from a local file (--inception-weights,
 $DEFECT_DS_INCEPTION_WEIGHTS, or torch hub's checkpoints folder where torch-fidelity itself would put
-them). Features are extracted once per (image set, defect type) by torch-fidelity and cached under a
-key made of a hash of the pixels and a hash of the weights file, so changing either recomputes. FID,
-KID and IS come from torch-fidelity's own functions, per defect type and over all types together.
+them). No file given to the command is unpickled: weights are read with `torch.load(weights_only=True)`
+into the network's expected state dict, and torch-fidelity gets only the loaded network (it would
+otherwise `torch.load` the file with `weights_only=False`, letting a crafted file run code). Features are
+extracted once per (image set, defect type) by torch-fidelity and cached as .safetensors (tensors only,
+nothing to execute) under a key made of a hash of the pixels and a hash of the weights file, so changing
+either recomputes. FID, KID and IS come from torch-fidelity's own functions, per defect type and over
+all types together.
 
 Mask localisation: the share of the pixel change from the source image that lies inside the mask
 (inpainted samples), after compositing (1.0 by construction) and before it (the model's own, recorded
@@ -72,23 +76,57 @@ def resolve_inception_weights(path: str | None) -> Path:
                             f"and pass --inception-weights PATH, set ${ENV_INCEPTION}, or put it at {default}.")
 
 
-def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """A random-init state dict of torch-fidelity's Inception, for offline tests of the pipeline.
-
-    The class loads weights in its constructor, so a subclass skips that load; convolutions get
-    He-normal init so that features keep their scale through the depth and still tell images apart.
-    """
+def _inception_module():
+    """torch-fidelity's Inception network with its random init: the class loads weights in its constructor,
+    so a subclass skips that load, and the file it reads first is our own empty one."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, *args, **kwargs):  # the constructor's load: keep the random init
             return None
 
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        return _Unloaded(INCEPTION_NAME, FEATURES, feature_extractor_weights_path=str(empty))
+
+
+def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, read with weights_only=True: a crafted pickle cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError, RuntimeError, EOFError, ...: all one answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} ({flag}) is not a plain weights file and is not unpickled ({reason}); pass "
+                         "the published file.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} ({flag}) holds no state dict of tensors; pass the published file.")
+    return state
+
+
+def build_inception(weights: str | Path, cuda: bool):
+    """torch-fidelity's Inception feature extractor with the tensors of `weights` (never unpickled)."""
+    model = _inception_module()
+    try:
+        torch.nn.Module.load_state_dict(model, read_state_dict(weights, "--inception-weights"), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not hold torch-fidelity's Inception weights ({str(e).splitlines()[0]}); "
+                         "pass weights-inception-2015-12-05-6726825d.pth.") from None
+    model.requires_grad_(False)
+    model.eval()
+    return model.cuda() if cuda else model
+
+
+def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """A random-init state dict of torch-fidelity's Inception, for offline tests of the pipeline.
+
+    Convolutions get He-normal init so that features keep their scale through the depth and still
+    tell images apart.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({}, path)  # the constructor reads the file before the (skipped) load
     torch.manual_seed(seed)
-    model = _Unloaded(INCEPTION_NAME, FEATURES, feature_extractor_weights_path=str(path))
+    model = _inception_module()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -134,8 +172,8 @@ def load_lpips(weights_dir: str | Path, cuda: bool) -> Callable[[torch.Tensor, t
     old_hub = torch.hub.get_dir()
     with tempfile.TemporaryDirectory() as hub:
         (Path(hub) / "checkpoints").mkdir()
-        for n in names:
-            (Path(hub) / "checkpoints" / n).symlink_to((folder / n).resolve())
+        for n in names:  # torch-fidelity and torchvision unpickle what they find: only our re-saved tensors
+            torch.save(read_state_dict(folder / n, "--lpips-weights"), Path(hub) / "checkpoints" / n)
         torch.hub.set_dir(hub)
         try:
             model = SampleSimilarityLPIPS("lpips-vgg16", sample_similarity_resize=None,
@@ -172,17 +210,33 @@ class _ImageSet(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[i]).permute(2, 0, 1).contiguous()
 
 
-def fidelity_kwargs(cache_dir: Path, batch_size: int, cuda: bool, weights: Path) -> dict:
-    return dict(cache=True, cache_root=str(cache_dir), batch_size=batch_size, cuda=cuda, verbose=False,
-                save_cpu_ram=not cuda, feature_extractor_weights_path=str(weights))
+def fidelity_kwargs(batch_size: int, cuda: bool) -> dict:
+    """torch-fidelity's own cache is off: it pickles (torch.save) and unpickles (weights_only=False) its
+    entries, so anyone who can write the cache folder could run code; `extract_features` caches instead."""
+    return dict(cache=False, batch_size=batch_size, cuda=cuda, verbose=False, save_cpu_ram=not cuda)
 
 
-def extract_features(extractor, images: list[np.ndarray], cache_name: str, kwargs: dict) -> dict:
-    """torch-fidelity features {"2048": (N, 2048), "logits_unbiased": (N, 1008)}, cached under cache_name."""
-    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+def extract_features(extractor, images: list[np.ndarray], cache_name: str, kwargs: dict, cache_dir: Path) -> dict:
+    """torch-fidelity features {"2048": (N, 2048), "logits_unbiased": (N, 1008)}, cached under cache_name
+    as .safetensors, a format that holds tensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+    from torch_fidelity.utils import extract_featuresdict_from_input_id
 
-    return extract_featuresdict_from_input_id_cached(1, extractor, input1=_ImageSet(images),
-                                                     input1_cache_name=cache_name, **kwargs)
+    path = cache_dir / f"{cache_name}-features.safetensors"
+    if path.is_file():
+        try:
+            cached = load_file(path)
+            if set(cached) == set(FEATURES):
+                return cached
+        except (SafetensorError, OSError):
+            pass  # a damaged entry is recomputed and replaced
+    features = extract_featuresdict_from_input_id(1, extractor, input1=_ImageSet(images), **kwargs)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: features[k].contiguous().cpu() for k in FEATURES}, str(partial))
+    partial.replace(path)  # a cache entry that exists is complete
+    return features
 
 
 def fidelity_metrics(gen: dict, real: dict | None, gen_name: str, real_name: str, extractor, kwargs: dict, *,
@@ -293,11 +347,10 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
              kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
              device: str = "auto", grid_per_row: int = 8) -> dict:
     """Computes every score, writes report.json, report.md and grid.png to out_dir; returns the report."""
-    from torch_fidelity.utils import create_feature_extractor
-
     weights = resolve_inception_weights(inception_weights)  # fail before any image is read
     lpips_dir = lpips_weights or os.environ.get(ENV_LPIPS)
     cuda = resolve_device(device).type == "cuda"
+    extractor = build_inception(weights, cuda)  # read as tensors only; a crafted file stops here
     cache_dir = Path(cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "defect_ds" / "fidelity")
     out_dir = Path(out_dir)
 
@@ -309,8 +362,7 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
     real_all = load_set(real, size, real_splits)
     types = sorted({g["defect_type"] for g in gen})
     weights_digest = file_digest(weights)
-    kwargs = fidelity_kwargs(cache_dir, batch_size, cuda, weights)
-    extractor = create_feature_extractor(INCEPTION_NAME, FEATURES, **kwargs)
+    kwargs = fidelity_kwargs(batch_size, cuda)
     lpips_distance, lpips_reason = None, ""
     if lpips_dir:
         try:
@@ -330,7 +382,8 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
             images = [s["image"] for s in items if s["defect_type"] == t]
             if images:
                 names[f"{side}/{t}"] = f"defectds-{images_digest(images)[:24]}-{weights_digest[:12]}"
-                features[f"{side}/{t}"] = extract_features(extractor, images, names[f"{side}/{t}"], kwargs)
+                features[f"{side}/{t}"] = extract_features(extractor, images, names[f"{side}/{t}"], kwargs,
+                                                            cache_dir)
 
     def scores(selected: list[str], gen_items: list[dict], real_items: list[dict]) -> dict:
         cat = lambda side: _concat([features[f"{side}/{t}"] for t in selected if f"{side}/{t}" in features])  # noqa

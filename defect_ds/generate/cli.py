@@ -18,9 +18,11 @@ import torch
 
 from defect_ds.data.reader import load_mask_pool, load_sources
 from defect_ds.evaluate.report import save_sample_grid
+from defect_ds.generate.mask_model import load_mask_model
 from defect_ds.generate.masks import KINDS
 from defect_ds.generate.output import check_resume, sample_done, write_sample, write_shards
-from defect_ds.generate.pipeline import SCHEDULERS, build_pipeline, generate_batch, set_scheduler
+from defect_ds.generate.pipeline import (SCHEDULERS, build_pipeline, generate_batch, planned_resolution,
+                                         set_scheduler)
 from defect_ds.generate.spec import DEFAULT_PROMPT, MASK_SOURCES, MODES, GenerationSettings, plan_samples
 from defect_ds.utils.device import resolve_device, resolve_dtype
 from defect_ds.utils.quiet import quiet_libraries
@@ -32,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    resolution = args.resolution_px or planned_resolution(run=args.run, base_model=args.base_model)
+    # every mask and source file is decoded before the pipeline loads: a bad one stops the call in seconds
+    # with one sentence naming it, or, with --skip-bad, is left out and counted
+    skipped: list[str] | None = [] if args.skip_bad else None
+    pool = load_mask_pool(args.masks, args.mask_dir or args.data, resolution, skipped)
+    sources = load_sources(args.sources, resolution, skipped) if args.mode == "inpaint" else []
+    if skipped:
+        print(f"generate: skipped {len(skipped)} unreadable input file(s) (first: {skipped[0]})")
     pipe, tokens, info = build_pipeline(run=args.run, base_model=args.base_model, lora=args.lora,
                                         embeddings=args.embeddings, device=device, dtype=dtype,
                                         mask_gating=not args.no_mask_gating, mask_resize=args.mask_resize)
@@ -42,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--defect-types names {unknown[0]!r}, which the export has no token for; "
                          f"known: {', '.join(sorted(tokens))}.")
-    resolution = args.resolution_px or info["resolution_px"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = GenerationSettings(
         mode=args.mode, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
         strength=args.strength, resolution_px=int(resolution), prompt=args.prompt,
@@ -55,12 +64,8 @@ def run(args: argparse.Namespace) -> int:
         embeddings=info["embeddings"], mask_gating=info["mask_gating"], mask_resize=info["mask_resize"])
     # every input is read and every sample planned before the folder is touched: a call that fails
     # here leaves nothing behind that a corrected call would have to match
-    pool = load_mask_pool(settings.mask_source, args.mask_dir or args.data, settings.resolution_px)
-    sources = load_sources(args.sources, settings.resolution_px) if settings.mode == "inpaint" else []
     sampler = None
     if settings.mask_source == "learned":
-        from defect_ds.generate.mask_model import load_mask_model
-
         sampler = load_mask_model(args.mask_model, settings.resolution_px, defect_types).sample
     specs = plan_samples(tokens, defect_types, args.num_per_type, settings, mask_pool=pool, sources=sources,
                          loose_weights=not args.run, mask_sampler=sampler)
@@ -117,6 +122,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--category", default="object", help="object category for {category} and metadata "
                       "(data-set masks and sources bring their own)")
     what.add_argument("--sources", help="inpaint: folder of good images, or a data set (its 'good' samples)")
+    what.add_argument("--skip-bad", action="store_true", help="skip truncated or corrupt source and mask files "
+                      "and count them instead of stopping at the first")
     masks = p.add_argument_group("masks")
     masks.add_argument("--masks", choices=MASK_SOURCES, default="procedural")
     masks.add_argument("--mask-dir", help="--masks files: folder of mask PNGs (subfolders per defect type)")

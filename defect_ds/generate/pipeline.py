@@ -11,6 +11,7 @@ pixel outside the mask is the source's, bit for bit, and the mask is an exact la
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,21 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = EulerDiscreteScheduler.from_config(config)
     else:
         raise ValueError(f"Unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}.")
+
+
+def planned_resolution(*, run: str | None = None, base_model: str | None = None) -> int:
+    """The resolution `build_pipeline`'s model generates at by default, read from export.json or the model
+    folder's configs, so inputs can be read and checked before the (slow) model load."""
+    meta = read_export_meta(find_export(run)) if run else {}
+    if meta.get("resolution_px"):
+        return int(meta["resolution_px"])
+    base = base_model or meta.get("base_model")
+    if not base:
+        raise ValueError("No base model: the export names none, so pass --base-model DIR.")
+    folder = check_model_dir(base)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' vae_scale_factor
 
 
 def build_pipeline(*, run: str | None = None, base_model: str | None = None, lora: str | None = None,

@@ -11,6 +11,7 @@ print(f(Path('runs/default/checkpoints'), 'latest'))"
 """
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +22,11 @@ import torch.distributed as dist
 
 
 COMMIT_MARKER = "COMMITTED"
+LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
+
+
+class CheckpointWriteError(OSError):
+    """This rank could not write its part of a checkpoint; the message is one sentence for the user."""
 
 
 def tag_for(step: int) -> str:
@@ -64,18 +70,51 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
                     is_main: bool) -> Path:
     """Every rank saves its shards; then rank 0 commits and prunes old checkpoints."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        raise CheckpointWriteError(write_failure_message(e, ckpt_dir, step)) from None
     dist.barrier()  # every rank's files are on disk before the marker says so
     if is_main:
-        commit(ckpt_dir, step)
+        try:
+            commit(ckpt_dir, step)
+        except OSError as e:
+            raise CheckpointWriteError(write_failure_message(e, ckpt_dir, step)) from None
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return ckpt_dir / tag
 
 
+def write_failure_message(error: BaseException, ckpt_dir: Path, step: int) -> str:
+    """One sentence for a checkpoint write that failed: what, where, what is safe, what to do. The step's
+    folder has no commit marker, so resuming never takes it."""
+    done = committed_checkpoints(ckpt_dir)
+    kept = (f"the last committed checkpoint is step {int(done[-1].name.split('-')[1])} and intact" if done
+            else "no checkpoint was committed yet")
+    if _disk_full(error, ckpt_dir):
+        return (f"No space left while saving step {step} in {ckpt_dir}; {kept}; free space and resume with "
+                "--resume latest.")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"Could not write the checkpoint of step {step} in {ckpt_dir} ({reason}); {kept}; fix the folder "
+            "and resume with --resume latest.")
+
+
+def _disk_full(error: BaseException, ckpt_dir: Path) -> bool:
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return True
+    try:  # torch's zip writer ("unexpected pos ...") hides the errno: look at the free space instead
+        return shutil.disk_usage(ckpt_dir).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
 def commit(ckpt_dir: Path, step: int) -> None:
-    """Marks the checkpoint of `step` complete; call it only once every rank has saved."""
-    (ckpt_dir / tag_for(step) / COMMIT_MARKER).write_text(f"{step}\n")
+    """Marks the checkpoint of `step` complete; call it only once every rank has saved. Written under a
+    temporary name and renamed, so a full disk can never leave an empty marker that looks committed."""
+    marker = ckpt_dir / tag_for(step) / COMMIT_MARKER
+    partial = marker.with_name(COMMIT_MARKER + ".partial")
+    partial.write_text(f"{step}\n")
+    partial.replace(marker)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -66,6 +66,18 @@ def from_rank0(value):
     return box[0]
 
 
+# What gloo and NCCL say when the process on the other end of a collective is gone or never answers.
+PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out",
+                   "Timed out", "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank stopped (its own error is its to report)."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    return any(sign in str(error) for sign in PEER_LOST_SIGNS)
+
+
 def _share_cpu_cores() -> None:
     """Gives each CPU rank of this node its share of the cores. Ranks that each start one thread per
     core oversubscribe them, and spinning thread pools then make every small op thousands of times

@@ -15,23 +15,26 @@ import torch.distributed as dist
 from torch import nn
 
 from defect_ds.config import RunConfig, save_config
-from defect_ds.data.loader import batches_per_epoch, build_loader
-from defect_ds.data.shards import read_manifest
+from defect_ds.data.loader import build_loader
 from defect_ds.model.defect_model import DefectDiffusionModel, build_model
 from defect_ds.perf.mfu import make_meter
 from defect_ds.train import checkpoint as ckpt
-from defect_ds.train.distributed import DistInfo, build_ds_config, from_rank0, uses_offload, zero_stage
+from defect_ds.train.distributed import DistInfo, from_rank0, uses_offload, zero_stage
 from defect_ds.train.export import Exporter
 from defect_ds.train.logger import make_logger
 from defect_ds.train.monitors import FiniteCheck, Interval, ProfilerWindow
+from defect_ds.train.preflight import RunInputs, check_run_inputs
 from defect_ds.train.sample_grid import SampleGrids
 from defect_ds.utils.device import resolve_dtype
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, inputs: RunInputs | None = None):
+        """inputs: what `check_run_inputs` found (train.py checks before the process group starts);
+        None checks them in `setup`."""
         self.cfg = cfg
         self.dist = dist_info
+        self.inputs = inputs
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0  # optimizer steps done
@@ -45,14 +48,11 @@ class Trainer:
         import deepspeed  # slow to import: train.py validates the config first
 
         cfg, device = self.cfg, self.dist.device
-        self.ds_config = build_ds_config(cfg.train.ds_config, cfg.train, cfg.optimizer, self.dist.world_size)
-        manifest = read_manifest(cfg.data.train_shards)
+        if self.inputs is None:
+            self.inputs = check_run_inputs(cfg, self.dist.world_size)
+        self.ds_config = self.inputs.ds_config
+        manifest = self.inputs.manifest
         defect_tokens: dict[str, str] = dict(manifest.get("defect_tokens", {}))
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.json")
-        dist.barrier()
-        self.log = make_logger(cfg.logging, self.run_dir, self.dist.is_main)
 
         torch.manual_seed(cfg.train.seed)  # identical new-layer weights on every rank
         tokens = list(defect_tokens.values()) if cfg.textual_inversion.enabled else []
@@ -61,6 +61,13 @@ class Trainer:
         optimizer = self._optimizer(model, device)
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._schedule(optimizer), config=self.ds_config)
+        # the run's record is written only now: a launch whose inputs, model or engine fail leaves an
+        # existing run's config.json, metrics.jsonl and tensorboard/ as they were
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.json")
+        dist.barrier()
+        self.log = make_logger(cfg.logging, self.run_dir, self.dist.is_main)
         if cfg.model.compile:
             self.engine.compile()
         self.model: DefectDiffusionModel = self.engine.module
@@ -100,13 +107,7 @@ class Trainer:
                              num_training_steps=self.cfg.train.max_steps)
 
     def _maybe_resume(self) -> None:
-        try:
-            found = (ckpt.find_resume_tag(self.ckpt_dir, self.cfg.checkpoint.resume), None)
-        except FileNotFoundError as e:
-            found = (None, str(e))
-        tag, error = from_rank0(found)
-        if error:
-            raise FileNotFoundError(error)
+        tag = from_rank0(self.inputs.resume_tag)  # checked before the model loaded; rank 0 decides
         if tag is None:
             if self.cfg.checkpoint.resume:
                 self.log.info("checkpoint.resume=latest: no committed checkpoint yet, starting fresh")
@@ -133,11 +134,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
         cfg = self.cfg
-        per_epoch = batches_per_epoch(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
-                                      world_size=self.dist.world_size)
-        if per_epoch < 1:
-            raise ValueError(f"{cfg.data.train_shards} yields no full batch of {cfg.train.micro_batch_size} "
-                             f"per rank; lower train.micro_batch_size or add data.")
+        per_epoch = self.inputs.batches_per_epoch  # 1 or more: checked before the model loaded
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         interval = Interval(self.dist.device)
         profiler = ProfilerWindow(cfg.logging.profile_at_step, cfg.logging.profile_steps, end,
@@ -219,6 +216,9 @@ class Trainer:
                  "data_counts": list(self.data_counts)}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, state,
                                     self.cfg.checkpoint.keep_last, self.dist.is_main)
-        self.exporter.write(self.model, self.run_dir / "exports" / path.name, self.step)
+        try:
+            self.exporter.write(self.model, self.run_dir / "exports" / path.name, self.step)
+        except OSError as e:  # a full disk: the checkpoint itself is committed already
+            raise ckpt.CheckpointWriteError(ckpt.write_failure_message(e, self.ckpt_dir, self.step)) from None
         self.exporter.prune(self.run_dir / "exports", {p.name for p in ckpt.committed_checkpoints(self.ckpt_dir)})
         self.log.info(f"saved checkpoint {path}")

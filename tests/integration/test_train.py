@@ -238,3 +238,51 @@ def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, tmp_pat
     assert result.returncode != 0
     error = next(line for line in result.stderr.splitlines() if line.startswith("train.py: error: "))
     assert "Cannot read" in error and str(shards[0]) in error  # one sentence naming the shard
+    # the partner rank says in one line that another rank failed, with no traceback of the broken connection
+    assert re.search(r"train.py: rank \d stopped: another rank failed and its error is above\.", result.stderr), \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+# A full disk faked on rank 1's optimizer shard of step 2: torch.save writes part of the file and fails.
+ENOSPC_WRAPPER = """
+import errno, os, sys
+sys.path.insert(0, {root!r})
+import torch
+_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "step-0000002" in str(f) and os.environ.get("RANK") == "1":
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return _save(obj, f, *args, **kwargs)
+torch.save = save
+import train
+sys.exit(train.main())
+"""
+
+
+def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_model_dir, data_dir, tmp_path):
+    run = tmp_path / "full"
+    script = tmp_path / "enospc.py"
+    script.write_text(ENOSPC_WRAPPER.format(root=str(ROOT)))
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=3, checkpoint__every_steps=1)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    ckpts = run / "checkpoints"
+    sentence = (f"train.py: error: No space left while saving step 2 in {ckpts}; the last committed checkpoint "
+                "is step 1 and intact; free space and resume with --resume latest.")
+    assert sentence in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (ckpts / "step-0000002" / "COMMITTED").exists()  # the partial step is never resumed from
+    assert (ckpts / "step-0000001" / "COMMITTED").is_file()
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step2_before = next(r["loss"] for r in first if r["step"] == 2)
+
+    deepspeed_train([*args, "--resume", "latest"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][len(first):]
+    assert [r["step"] for r in records] == [2, 3]
+    assert records[0]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
+    assert (ckpts / "step-0000003" / "COMMITTED").is_file()

@@ -86,7 +86,7 @@ def image_sets(tmp_path_factory):
 
 
 def _cache_files(cache: Path) -> set[str]:
-    return {p.name for p in cache.glob("*.pt")}
+    return {p.name for p in cache.glob("*.safetensors")}
 
 
 def test_fid_is_zero_for_copies_and_large_for_different_sets(image_sets, inception_weights, tmp_path, monkeypatch):
@@ -275,3 +275,69 @@ def test_ic_lpips_with_local_lpips_weights(image_sets, inception_weights, tmp_pa
                       cache_dir=tmp_path / "cache", kid_subset_size=4, kid_subsets=5)
     for t in TYPES:
         assert report["per_defect_type"][t]["ic_lpips"] > 0
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch(marker): what a crafted weights file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_weights_file_is_never_unpickled(image_sets, inception_weights, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pth"
+    state = torch.load(inception_weights, weights_only=True)
+    torch.save({**state, "payload": _RunsCode(marker)}, crafted)  # real weights plus a payload
+    rc = main(["evaluate", str(image_sets["generated"]), "--real", str(image_sets["real_same"]),
+               "--inception-weights", str(crafted), "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists()
+    assert err.count("\n") == 1 and str(crafted) in err and "not unpickled" in err
+    assert not (tmp_path / "e").exists()
+
+    lpips = tmp_path / "lpips"
+    lpips.mkdir()
+    torch.save({"w": _RunsCode(marker)}, lpips / "weights-vgg16-lpips.pth")
+    torch.save({}, lpips / "vgg16-397923af.pth")
+    from defect_ds.evaluate.metrics import load_lpips
+
+    with pytest.raises(ValueError, match="not unpickled"):
+        load_lpips(lpips, cuda=False)
+    assert not marker.exists()
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)  # tensors, but not Inception's
+    rc = main(["evaluate", str(image_sets["generated"]), "--real", str(image_sets["real_same"]),
+               "--inception-weights", str(wrong), "--out", str(tmp_path / "e")])
+    assert rc == 2 and "does not hold torch-fidelity's Inception weights" in capsys.readouterr().err
+
+
+def test_the_feature_cache_holds_tensors_only(image_sets, inception_weights, tmp_path, monkeypatch):
+    """Entries are .safetensors; torch-fidelity's pickled .pt cache is never written nor read."""
+    cache = tmp_path / "cache"
+    kw = dict(inception_weights=str(inception_weights), cache_dir=cache, kid_subset_size=4, kid_subsets=5)
+    first = evaluate(image_sets["generated"], image_sets["real_same"], tmp_path / "e1", **kw)
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert files and all(f.endswith("-features.safetensors") for f in files), files
+    with open(cache / files[0], "rb") as f:  # a safetensors header (8-byte length, JSON), not a pickle
+        length = int.from_bytes(f.read(8), "little")
+        assert json.loads(f.read(length))
+
+    import torch_fidelity.utils as tfu
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append((str(f), k.get("weights_only"))) or
+                        real_load(f, *a, **k))
+    monkeypatch.setattr(tfu, "get_featuresdict_from_dataset",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached features recomputed")))
+    again = evaluate(image_sets["generated"], image_sets["real_same"], tmp_path / "e2", **kw)
+    assert again["overall"]["is_mean"] == pytest.approx(first["overall"]["is_mean"])
+    # the user's weights file is read as tensors only, and nothing of the cache is torch.load-ed at all
+    assert (str(inception_weights), True) in loads
+    assert all(w is True for f, w in loads if f == str(inception_weights) or f.startswith(str(cache))), loads

@@ -537,3 +537,34 @@ def test_learned_masks_end_to_end(trained_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:1] + [str(tmp_path / "gen2")] + args[2:] + ["--resolution-px", "32"]) == 2
     assert "draws 64 px masks but generation is at 32 px" in capsys.readouterr().err
+
+
+def test_a_truncated_source_is_one_sentence_before_the_pipeline_loads_or_skipped_with_skip_bad(
+        trained_run, tmp_path, capsys, monkeypatch):
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(2):
+        Image.fromarray(_object_image(i)).save(good / f"good_{i}.png")
+    whole = (good / "good_1.png").read_bytes()
+    (good / "good_1.png").write_bytes(whole[:len(whole) // 2])  # truncated
+    args = ["generate", str(tmp_path / "out"), "--run", str(trained_run["run_dir"]), "--mode", "inpaint",
+            "--sources", str(good), "--num-per-type", "1", "--steps", "2", "--no-progress"]
+
+    import defect_ds.generate.cli as generate_cli
+
+    real_build = generate_cli.build_pipeline
+    monkeypatch.setattr(generate_cli, "build_pipeline",
+                        lambda **kw: (_ for _ in ()).throw(AssertionError("the pipeline loaded first")))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(good / "good_1.png") in err and "truncated" in err and "--skip-bad" in err
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(generate_cli, "build_pipeline", real_build)
+    assert main([*args, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable input file(s)" in out and "good_1.png" in out
+    sources = {json.loads((f / "json").read_text())["generation"]["source_image"]
+               for f in _samples(tmp_path / "out").values()}
+    assert sources and all("good_0" in s for s in sources)  # only the readable source was used
