@@ -187,6 +187,9 @@ class CheckpointConfig:
     every_steps: int = 100  # engine checkpoint and exports every N optimizer steps; 0: only at the end
     keep_last: int = 2  # engine checkpoints kept; older ones are deleted
     resume: str = ""  # "" starts fresh, "latest" continues the run directory's newest complete one
+    # checkpoint at the end of the run (with every_steps=0 the only one); a launch cut short by
+    # train.stop_at_step always saves, since it is meant to be resumed
+    save_final: bool = True
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
