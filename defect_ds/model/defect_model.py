@@ -52,6 +52,13 @@ class DefectDiffusionModel(nn.Module):
         self.prediction_type = (noise_scheduler.config.prediction_type if loss_cfg.prediction_type == "scheduler"
                                 else loss_cfg.prediction_type)
 
+    def use_channels_last(self) -> None:
+        """NHWC weights for the UNet's frozen convolutions. Trained weights keep their storage: under ZeRO
+        they are views into the optimizer's flat buffer, and a copy would stop receiving its updates."""
+        for p in self.unet.parameters():
+            if p.dim() == 4 and not p.requires_grad:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 mask: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's prediction. text_embeds: precomputed encoder states (latent shards, frozen text
@@ -131,9 +138,11 @@ class DefectDiffusionModel(nn.Module):
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInversionConfig,
                 loss_cfg: LossConfig, *, tokens: list[str], compute_dtype: torch.dtype = torch.float32,
-                device: torch.device = torch.device("cpu")) -> DefectDiffusionModel:
+                device: torch.device = torch.device("cpu"), defer_layout: bool = False) -> DefectDiffusionModel:
     """The trainable model: LoRA adapters, learned tokens, what trains, frozen weights in the compute dtype,
-    mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank)."""
+    mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank).
+    defer_layout: leave the UNet contiguous; the caller calls `use_channels_last()` later (DeepSpeed's
+    CPU broadcast at initialisation cannot send bf16 weights in channels_last)."""
     parts = load_components(model_cfg)
     unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
     if model_cfg.unet_mode == "lora":
@@ -149,13 +158,14 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInv
                 p.data = p.data.to(compute_dtype)
     # bf16 convolutions on the CPU are fast only in NHWC (measured: without it bf16 was no faster than fp32)
     channels_last = model_cfg.channels_last or (device.type == "cpu" and compute_dtype == torch.bfloat16)
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
     vae.to(device).eval()
     mask_gating = model_cfg.unet_mode == "lora" and lora_cfg.mask_gating
     if mask_gating:
         enable_mask_gating(unet, lora_cfg.mask_resize)
-    return DefectDiffusionModel(unet, text_encoder, vae=vae, tokenizer=parts.tokenizer,
-                                noise_scheduler=parts.noise_scheduler, loss_cfg=loss_cfg, tokens=tokens,
-                                vectors_per_token=ti_cfg.vectors_per_token, mask_gating=mask_gating,
-                                compute_dtype=compute_dtype, channels_last=channels_last)
+    model = DefectDiffusionModel(unet, text_encoder, vae=vae, tokenizer=parts.tokenizer,
+                                 noise_scheduler=parts.noise_scheduler, loss_cfg=loss_cfg, tokens=tokens,
+                                 vectors_per_token=ti_cfg.vectors_per_token, mask_gating=mask_gating,
+                                 compute_dtype=compute_dtype, channels_last=channels_last)
+    if channels_last and not defer_layout:
+        model.use_channels_last()
+    return model

@@ -57,7 +57,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical new-layer weights on every rank
         tokens = list(defect_tokens.values()) if cfg.textual_inversion.enabled else []
         model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=tokens,
-                            compute_dtype=resolve_dtype(cfg.train.precision, device), device=device)
+                            compute_dtype=resolve_dtype(cfg.train.precision, device), device=device,
+                            defer_layout=True)
         optimizer = self._optimizer(model, device)
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._schedule(optimizer), config=self.ds_config)
@@ -71,6 +72,10 @@ class Trainer:
         if cfg.model.compile:
             self.engine.compile()
         self.model: DefectDiffusionModel = self.engine.module
+        if self.model.channels_last and zero_stage(self.ds_config) < 3:  # ZeRO-3 keeps weights partitioned
+            self.model.use_channels_last()
+        else:
+            self.model.channels_last = False
         self.exporter = Exporter(cfg.model, cfg.lora, cfg.textual_inversion, resolution_px=cfg.data.resolution_px,
                                  defect_tokens=defect_tokens, zero_stage=zero_stage(self.ds_config),
                                  is_main=self.dist.is_main)
