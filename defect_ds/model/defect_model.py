@@ -43,6 +43,7 @@ class DefectDiffusionModel(nn.Module):
         self.loss_cfg = loss_cfg
         self.tokens = tokens
         self.vectors_per_token = vectors_per_token
+        self._token_cache: dict[str, torch.Tensor] = {}  # caption -> ids; the tokenizer is fixed from here on
         self.mask_gating = mask_gating
         self.compute_dtype = compute_dtype
         self.autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
@@ -133,7 +134,13 @@ class DefectDiffusionModel(nn.Module):
         return expand_prompt(prompt, self.tokens, self.vectors_per_token)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
-        return tokenize(self.tokenizer, [self.prompt_text(c) for c in captions])
+        """(B, 77) token ids; each distinct caption is tokenised once per run (a data set has few distinct
+        captions, and the tokenizer's Python was a few ms of every step)."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._token_cache))
+        if missing:
+            ids = tokenize(self.tokenizer, [self.prompt_text(c) for c in missing])
+            self._token_cache.update(zip(missing, ids))
+        return torch.stack([self._token_cache[c] for c in captions])
 
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInversionConfig,

@@ -145,3 +145,26 @@ def test_bf16_on_the_cpu_puts_the_unet_convolutions_in_channels_last(tiny_model_
         weight = model.unet.conv_in.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) == expected and weight.dtype == dtype
         assert model.channels_last == expected
+
+
+def test_each_distinct_caption_is_tokenised_once_and_ids_match_the_tokenizer(tiny_model_dir):
+    from defect_ds.model.components import tokenize
+
+    _, model = _model(tiny_model_dir)
+    calls = []
+    real = model.tokenizer.__class__.__call__
+
+    def counting(self, texts, **kwargs):
+        calls.append(list(texts))
+        return real(self, texts, **kwargs)
+
+    captions = ["a photo of a pill with a sks_scratch", "a tile", "a photo of a pill with a sks_scratch"]
+    expected = tokenize(model.tokenizer, [model.prompt_text(c) for c in captions])
+    model.tokenizer.__class__.__call__ = counting
+    try:
+        first = model.token_ids(captions)
+        second = model.token_ids(list(reversed(captions)))
+    finally:
+        model.tokenizer.__class__.__call__ = real
+    assert torch.equal(first, expected) and torch.equal(second, expected.flip(0))
+    assert calls == [[model.prompt_text(captions[0]), model.prompt_text(captions[1])]]  # once, distinct only
