@@ -99,6 +99,7 @@ class DefectDiffusionModel(nn.Module):
         text_embeds = batch.get("text_embeds")
         if text_embeds is not None:
             text_embeds = text_embeds.to(device, non_blocking=True)
+        forward = self if denoise is None else denoise  # not `or`: a compiled module has no truth value
         prior_weight = self.loss_cfg.prior_preservation_weight
         base_pred = None
         if prior_weight > 0:
@@ -108,8 +109,8 @@ class DefectDiffusionModel(nn.Module):
             # before the real forward: the mask stays set through backward, where checkpointed blocks
             # recompute with it, so the last one set must be the batch's own
             with torch.no_grad():
-                base_pred = (denoise or self)(noisy, timesteps, input_ids, torch.zeros_like(mask), text_embeds)
-        pred = (denoise or self)(noisy, timesteps, input_ids, mask, text_embeds)
+                base_pred = forward(noisy, timesteps, input_ids, torch.zeros_like(mask), text_embeds)
+        pred = forward(noisy, timesteps, input_ids, mask, text_embeds)
         weights = None
         if self.loss_cfg.min_snr_gamma > 0:
             weights = objective.min_snr_weights(timesteps, self.alphas_cumprod, self.loss_cfg.min_snr_gamma,
