@@ -39,7 +39,11 @@ $(WORK)/data/synthetic/manifest.json: | $(STAMP)
 $(WORK)/downstream/split.json: $(WORK)/data/synthetic/manifest.json | $(STAMP)
 	$(BIN)/defect-ds downstream split $(WORK)/data/synthetic $(WORK)/downstream --overwrite
 
-demo: $(STAMP) $(WORK)/downstream/split.json
+$(WORK)/downstream/shots-latents/manifest.json: $(WORK)/downstream/split.json | $(STAMP)
+	$(BIN)/defect-ds prepare latents $(WORK)/downstream/shots $(WORK)/downstream/shots-latents --pretrained $(BASE) \
+	  --resolution-px 64 --overwrite
+
+demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/manifest.json
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus $(NUM_PROCS) train.py --config configs/default.toml \
 	  --checkpoint.resume=latest
 	$(BIN)/defect-ds generate $(WORK)/generated --run $(RUN) --mode inpaint --sources $(WORK)/downstream/shots \

@@ -43,6 +43,7 @@ class DefectDiffusionModel(nn.Module):
         self.loss_cfg = loss_cfg
         self.tokens = tokens
         self.vectors_per_token = vectors_per_token
+        self._token_cache: dict[str, torch.Tensor] = {}  # caption -> ids; the tokenizer is fixed from here on
         self.mask_gating = mask_gating
         self.compute_dtype = compute_dtype
         self.autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
@@ -51,6 +52,13 @@ class DefectDiffusionModel(nn.Module):
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(next(vae.parameters()).device)
         self.prediction_type = (noise_scheduler.config.prediction_type if loss_cfg.prediction_type == "scheduler"
                                 else loss_cfg.prediction_type)
+
+    def use_channels_last(self) -> None:
+        """NHWC weights for the UNet's frozen convolutions. Trained weights keep their storage: under ZeRO
+        they are views into the optimizer's flat buffer, and a copy would stop receiving its updates."""
+        for p in self.unet.parameters():
+            if p.dim() == 4 and not p.requires_grad:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 mask: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +99,7 @@ class DefectDiffusionModel(nn.Module):
         text_embeds = batch.get("text_embeds")
         if text_embeds is not None:
             text_embeds = text_embeds.to(device, non_blocking=True)
+        forward = self if denoise is None else denoise  # not `or`: a compiled module has no truth value
         prior_weight = self.loss_cfg.prior_preservation_weight
         base_pred = None
         if prior_weight > 0:
@@ -100,8 +109,8 @@ class DefectDiffusionModel(nn.Module):
             # before the real forward: the mask stays set through backward, where checkpointed blocks
             # recompute with it, so the last one set must be the batch's own
             with torch.no_grad():
-                base_pred = (denoise or self)(noisy, timesteps, input_ids, torch.zeros_like(mask), text_embeds)
-        pred = (denoise or self)(noisy, timesteps, input_ids, mask, text_embeds)
+                base_pred = forward(noisy, timesteps, input_ids, torch.zeros_like(mask), text_embeds)
+        pred = forward(noisy, timesteps, input_ids, mask, text_embeds)
         weights = None
         if self.loss_cfg.min_snr_gamma > 0:
             weights = objective.min_snr_weights(timesteps, self.alphas_cumprod, self.loss_cfg.min_snr_gamma,
@@ -126,14 +135,22 @@ class DefectDiffusionModel(nn.Module):
         return expand_prompt(prompt, self.tokens, self.vectors_per_token)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
-        return tokenize(self.tokenizer, [self.prompt_text(c) for c in captions])
+        """(B, 77) token ids; each distinct caption is tokenised once per run (a data set has few distinct
+        captions, and the tokenizer's Python was a few ms of every step)."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._token_cache))
+        if missing:
+            ids = tokenize(self.tokenizer, [self.prompt_text(c) for c in missing])
+            self._token_cache.update(zip(missing, ids))
+        return torch.stack([self._token_cache[c] for c in captions])
 
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInversionConfig,
                 loss_cfg: LossConfig, *, tokens: list[str], compute_dtype: torch.dtype = torch.float32,
-                device: torch.device = torch.device("cpu")) -> DefectDiffusionModel:
+                device: torch.device = torch.device("cpu"), defer_layout: bool = False) -> DefectDiffusionModel:
     """The trainable model: LoRA adapters, learned tokens, what trains, frozen weights in the compute dtype,
-    mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank)."""
+    mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank).
+    defer_layout: leave the UNet contiguous; the caller calls `use_channels_last()` later (DeepSpeed's
+    CPU broadcast at initialisation cannot send bf16 weights in channels_last)."""
     parts = load_components(model_cfg)
     unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
     if model_cfg.unet_mode == "lora":
@@ -147,13 +164,16 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInv
         for p in module.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(compute_dtype)
-    if model_cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    # bf16 convolutions on the CPU are fast only in NHWC (measured: without it bf16 was no faster than fp32)
+    channels_last = model_cfg.channels_last or (device.type == "cpu" and compute_dtype == torch.bfloat16)
     vae.to(device).eval()
     mask_gating = model_cfg.unet_mode == "lora" and lora_cfg.mask_gating
     if mask_gating:
         enable_mask_gating(unet, lora_cfg.mask_resize)
-    return DefectDiffusionModel(unet, text_encoder, vae=vae, tokenizer=parts.tokenizer,
-                                noise_scheduler=parts.noise_scheduler, loss_cfg=loss_cfg, tokens=tokens,
-                                vectors_per_token=ti_cfg.vectors_per_token, mask_gating=mask_gating,
-                                compute_dtype=compute_dtype, channels_last=model_cfg.channels_last)
+    model = DefectDiffusionModel(unet, text_encoder, vae=vae, tokenizer=parts.tokenizer,
+                                 noise_scheduler=parts.noise_scheduler, loss_cfg=loss_cfg, tokens=tokens,
+                                 vectors_per_token=ti_cfg.vectors_per_token, mask_gating=mask_gating,
+                                 compute_dtype=compute_dtype, channels_last=channels_last)
+    if channels_last and not defer_layout:
+        model.use_channels_last()
+    return model

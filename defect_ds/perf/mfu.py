@@ -9,7 +9,9 @@
 
 MFU counts the model FLOPs of a sample (forward, the backward actually needed, and the VAE and text
 encoder when they run every step); HFU adds the activation-checkpoint recompute. Both are per device:
-achieved TFLOP/s of this rank divided by the device's dense bf16 peak.
+achieved TFLOP/s of this rank divided by the device's dense bf16 peak. On the CPU, which has no
+table entry, the peak is measured at start-up: a large matmul in the run's compute dtype on the
+threads this rank has (`defect_ds/perf/cpu_peak.py`).
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ class ThroughputMeter:
             "mfu": model_tflops / peak if peak else None,
             "hfu": hardware_tflops / peak if peak else None,
             "data_wait_share": min(1.0, data_wait / elapsed),
+            "peak_tflops": peak,
         }
         values.update(memory_stats(self.device))
         self.reset()
@@ -156,4 +159,8 @@ def make_meter(model_cfg: ModelConfig, lora_cfg: LoraConfig, resolution_px: int,
         text_embeddings_precomputed=latents and bool(manifest.get("text_embeddings")) and not text_trains)
     device = dist_info.device
     peak = peak_tflops(device_name(device), peak_tflops_override)
+    if peak is None and device.type == "cpu":
+        from defect_ds.perf.cpu_peak import matmul_tflops
+
+        peak = matmul_tflops(getattr(model, "compute_dtype", torch.float32), seconds=0.3)
     return ThroughputMeter(flops, world_size=dist_info.world_size, peak_tflops=peak, device=device)

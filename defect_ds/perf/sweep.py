@@ -206,6 +206,7 @@ def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = Fal
         error = f"only {len(measured)} of {plan.measure_intervals} measured intervals were logged"
     config_path = run_dir / "config.json"
     trace = run_dir / "profile" / "trace-rank0.json"
+    checkpoint = checkpoint_meta(run_dir / "checkpoints")
     for bulky in ("checkpoints", "exports", "export"):  # engine checkpoints of SD 1.5 are gigabytes
         _remove(run_dir / bulky)
     return {
@@ -214,8 +215,17 @@ def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = Fal
         "wall_s": round(wall_s, 1), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "measured_steps": [first, last], "metrics": summarise(measured, plan.num_gpus) if measured else {},
         "intervals": intervals, "config": json.loads(config_path.read_text()) if config_path.exists() else None,
-        "profile_trace": str(trace) if trace.exists() else None,
+        "profile_trace": str(trace) if trace.exists() else None, "checkpoint": checkpoint,
     }
+
+
+def checkpoint_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """Size (MiB) and save time (s) of the point's newest committed checkpoint, from its meta.json."""
+    metas = sorted(ckpt_dir.glob("step-*/meta.json"))
+    if not metas:
+        return None
+    meta = json.loads(metas[-1].read_text())
+    return {"mib": round(meta["bytes"] / 2 ** 20, 2), "save_s": meta["save_s"]}
 
 
 def _remove(path: Path) -> None:
@@ -311,6 +321,11 @@ def environment(num_gpus: int, cuda: bool, env: dict[str, str]) -> dict[str, Any
         info.update(device=name, device_memory_gib=round(float(mem), 1), cuda=cuda_version)
     else:
         info["device"] = cpu_name()
+        threads = max(1, info["host_cores"] // num_gpus)  # what each rank gets (train/distributed.py)
+        probe = f"import json; from defect_ds.perf.cpu_peak import cpu_peaks; print(json.dumps(cpu_peaks(1.0, {threads})))"
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                             cwd=ROOT)
+        info["cpu_peak_tflops"] = {**json.loads(out.stdout.strip().splitlines()[-1]), "threads": threads}
     info["peak_tflops"] = peak_tflops(info["device"]) if cuda else None
     return info
 

@@ -35,21 +35,22 @@ def table_rows(results: list[dict[str, Any]], cuda: bool, processes: int) -> lis
     memory = "peak alloc / reserved GiB" if cuda else "max RSS rank 0 GiB"
     header = ["point", "ZeRO", "accum", "micro batch", "global batch", "act. ckpt", "latents", "images/s",
               "(min-max)", "step s", "TFLOP/s/dev", "MFU", "HFU", "GFLOP/img", "data wait", memory,
-              "load 1 min", "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * 7 + [" ---: "] * 10 + [" --- "]) + "|"]
+              "ckpt MiB", "ckpt save s", "load 1 min", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * 7 + [" ---: "] * 12 + [" --- "]) + "|"]
     for r in results:
         p, m = r["point"], r["metrics"]
         mem = (f"{_num(m.get('peak_mem_alloc_gib'))} / {_num(m.get('peak_mem_reserved_gib'))}" if cuda
                else _num(m.get("cpu_max_rss_gib")))
         spread = (f"{m['images_per_s_min']:.3g}-{m['images_per_s_max']:.3g}" if m else "-")
         status = "ok" if r["status"] == "ok" else f"**failed**: {r['error']}"
+        saved = r.get("checkpoint") or {}
         lines.append("| " + " | ".join([
             f"`{r['name']}`", p["zero"].replace("3o", "3 + offload"), str(p["accum"]), str(p["micro_batch"]),
             str(p["micro_batch"] * p["accum"] * processes), "on" if p["checkpointing"] else "off",
             "on" if p["latents"] else "off", _num(m.get("images_per_s")), spread, _num(m.get("step_time_s")),
             _num(m.get("tflops_per_device")), _pct(m.get("mfu")), _pct(m.get("hfu")),
             _num(m.get("model_gflop_per_image")), _pct(m.get("data_wait_share")), mem,
-            " / ".join(f"{x:.1f}" for x in r.get("load_avg_1min", [])) or "-", status.replace("|", "/"),
+            _num(saved.get("mib")), _num(saved.get("save_s")), " / ".join(f"{x:.1f}" for x in r.get("load_avg_1min", [])) or "-", status.replace("|", "/"),
         ]) + " |")
     return lines
 
@@ -74,7 +75,11 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], plot_name: str
                                                        "webdataset") if info.get(lib))
     device = info["device"] + (f" ({info.get('device_memory_gib')} GiB, CUDA {info.get('cuda')})" if cuda else
                                f" ({info.get('host_cores')} cores available to this machine)")
-    peak = (f"MFU and HFU against a dense bf16 peak of {info['peak_tflops']} TFLOP/s per device"
+    cpu_peak = info.get("cpu_peak_tflops")
+    peak = (f"MFU and HFU against this CPU's measured matmul peak per rank (fp32 {cpu_peak['fp32']}, bf16 "
+            f"{cpu_peak['bf16']} TFLOP/s on {cpu_peak['threads']} thread(s); each rank measures its precision's "
+            "peak at start-up, `defect_ds/perf/cpu_peak.py`)" if cpu_peak and not cuda else
+            f"MFU and HFU against a dense bf16 peak of {info['peak_tflops']} TFLOP/s per device"
             if info.get("peak_tflops") else "no peak-FLOPs figure for this device, so MFU and HFU are not "
             "defined; TFLOP/s per device is the comparable figure")
     ok = [r for r in results if r["status"] == "ok"]

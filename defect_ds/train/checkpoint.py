@@ -2,9 +2,15 @@
 
 Layout under the run directory:
     checkpoints/step-0000100/   engine state (ZeRO shards, optimizer, LR schedule, client state)
+    checkpoints/step-0000100/meta.json   step, size, save time and the base model's fingerprint
     checkpoints/step-0000100/COMMITTED   written last, by rank 0, after every rank finished saving
 A checkpoint folder without COMMITTED (an interrupted save) is never resumed from. The file logic
 (`commit`, `prune`, `committed_checkpoints`, `find_resume_tag`) needs no process group.
+
+Checkpoints are lean: only what trains (LoRA, token vectors, or the UNet in full mode) with its
+optimizer state, the schedule, RNG and data position. The frozen base is not saved (for SD 1.5 it
+was 3.94 GB beside a 6.2 MB LoRA); a resume loads it from model.pretrained_dir again and refuses to
+go on when that folder's fingerprint differs from the one the checkpoint recorded.
 
     python -c "from pathlib import Path; from defect_ds.train.checkpoint import find_resume_tag as f; \
 print(f(Path('runs/default/checkpoints'), 'latest'))"
@@ -12,17 +18,24 @@ print(f(Path('runs/default/checkpoints'), 'latest'))"
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from defect_ds.config import ConfigError
+
 
 COMMIT_MARKER = "COMMITTED"
 LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
+META_FILE = "meta.json"
+FINGERPRINT_CHUNKS = 64  # evenly spaced 64 KiB reads per weight file: any retrained weights change them
 
 
 class CheckpointWriteError(OSError):
@@ -66,17 +79,47 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def base_fingerprint(pretrained_dir: str | Path) -> str:
+    """A fingerprint of the frozen base a lean checkpoint leaves out: the model folder's configs and
+    weight files (name, size and evenly spaced chunks of their bytes). Reading chunks instead of
+    whole files keeps it under a second for SD 1.5's 4 GB while any other weights still differ."""
+    root = Path(pretrained_dir)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (
+        p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "scheduler_config.json")))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix()}:{size}\n".encode())
+        with open(path, "rb") as f:
+            chunk = 1 << 16
+            for i in range(FINGERPRINT_CHUNKS if size > chunk else 1):
+                f.seek(i * max(0, size - chunk) // max(1, FINGERPRINT_CHUNKS - 1))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int,
                     is_main: bool) -> Path:
-    """Every rank saves its shards; then rank 0 commits and prunes old checkpoints."""
+    """Every rank saves what trains (no frozen weights); then rank 0 writes meta.json, commits and
+    prunes old checkpoints."""
     tag = tag_for(step)
+    start = time.perf_counter()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         raise CheckpointWriteError(write_failure_message(e, ckpt_dir, step)) from None
     dist.barrier()  # every rank's files are on disk before the marker says so
     if is_main:
         try:
+            meta = {"step": step, "save_s": round(time.perf_counter() - start, 3),
+                    "bytes": folder_bytes(ckpt_dir / tag), "base_fingerprint": client_state.get("base_fingerprint"),
+                    "trained_parameters": len(client_state.get("trained_parameters", []))}
+            (ckpt_dir / tag / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             commit(ckpt_dir, step)
         except OSError as e:
             raise CheckpointWriteError(write_failure_message(e, ckpt_dir, step)) from None
@@ -128,9 +171,29 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(engine, ckpt_dir: Path, tag: str) -> dict:
+def load_checkpoint(engine, ckpt_dir: Path, tag: str, *, base_fingerprint: str,
+                    trained_parameters: list[str]) -> dict:
+    """Loads what trains over the frozen base already in `engine` (from model.pretrained_dir), after
+    checking that base and the set of trained parameters are the ones the checkpoint was saved with."""
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+                                             load_lr_scheduler_states=True, load_module_strict=False)
     if client_state is None:
         raise FileNotFoundError(f"DeepSpeed could not load {ckpt_dir / tag}; the checkpoint is incomplete.")
+    check_same_base(client_state, ckpt_dir / tag, base_fingerprint, trained_parameters)
     return client_state
+
+
+def check_same_base(client_state: dict, where: Path, base_fingerprint: str, trained_parameters: list[str]) -> None:
+    """Raises ConfigError when a lean checkpoint would be put on another base model or another set of
+    trained parameters (which a non-strict load would otherwise accept in silence)."""
+    saved = client_state.get("base_fingerprint")
+    if saved != base_fingerprint:
+        raise ConfigError(f"Checkpoint {where} was trained on a base model with fingerprint {saved}, but "
+                         f"model.pretrained_dir now has {base_fingerprint}; point model.pretrained_dir at the "
+                         f"model the run started from.")
+    saved_names = client_state.get("trained_parameters")
+    if saved_names != trained_parameters:
+        missing = sorted(set(trained_parameters) - set(saved_names or []))[:3]
+        extra = sorted(set(saved_names or []) - set(trained_parameters))[:3]
+        raise ConfigError(f"Checkpoint {where} trained other parameters than this config does (missing "
+                         f"{missing}, extra {extra}); resume with the run's own config.json.")

@@ -57,7 +57,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical new-layer weights on every rank
         tokens = list(defect_tokens.values()) if cfg.textual_inversion.enabled else []
         model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=tokens,
-                            compute_dtype=resolve_dtype(cfg.train.precision, device), device=device)
+                            compute_dtype=resolve_dtype(cfg.train.precision, device), device=device,
+                            defer_layout=True)
         optimizer = self._optimizer(model, device)
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._schedule(optimizer), config=self.ds_config)
@@ -71,12 +72,19 @@ class Trainer:
         if cfg.model.compile:
             self.engine.compile()
         self.model: DefectDiffusionModel = self.engine.module
+        if self.model.channels_last and zero_stage(self.ds_config) < 3:  # ZeRO-3 keeps weights partitioned
+            self.model.use_channels_last()
+        else:
+            self.model.channels_last = False
         self.exporter = Exporter(cfg.model, cfg.lora, cfg.textual_inversion, resolution_px=cfg.data.resolution_px,
                                  defect_tokens=defect_tokens, zero_stage=zero_stage(self.ds_config),
                                  is_main=self.dist.is_main)
         self.grids = SampleGrids(cfg.logging, self.run_dir / "samples", resolution_px=cfg.data.resolution_px,
                                  seed=cfg.train.seed, is_main=self.dist.is_main)
         self.finite = FiniteCheck(device, self._diverged)
+        # what a lean checkpoint records so a resume can check it sits on the same base
+        self.base_fingerprint = ckpt.base_fingerprint(cfg.model.pretrained_dir)
+        self.trained_parameters = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self._maybe_resume()
         self.meter = make_meter(cfg.model, cfg.lora, cfg.data.resolution_px, self.model.vae, self.model, self.dist,
                                 manifest, peak_tflops_override=cfg.logging.peak_tflops)
@@ -112,7 +120,8 @@ class Trainer:
             if self.cfg.checkpoint.resume:
                 self.log.info("checkpoint.resume=latest: no committed checkpoint yet, starting fresh")
             return
-        state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag, base_fingerprint=self.base_fingerprint,
+                                     trained_parameters=self.trained_parameters)
         self.step, self.micro_step = state["step"], state["micro_step"]
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.data_counts = list(state.get("data_counts", [0, 0]))
@@ -171,7 +180,10 @@ class Trainer:
                     if self.step >= end:
                         break
                 fetch_start = time.perf_counter()
-        self.save(interval.nonfinite)  # no-op when this step is already checkpointed
+        if cfg.checkpoint.save_final or self.step < cfg.train.max_steps:  # a stopped launch must resume
+            self.save(interval.nonfinite)  # no-op when this step is already checkpointed
+        else:
+            self.finite.check(interval.nonfinite, self.step)
         self.exporter.write(self.model, self.run_dir / "export", self.step)
         if cfg.logging.sample_every_steps and not from_rank0(self.grids.path(ckpt.tag_for(self.step)).exists()):
             self.grids.render(self.model, ckpt.tag_for(self.step))
@@ -213,7 +225,8 @@ class Trainer:
             return
         state = {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state(),
-                 "data_counts": list(self.data_counts)}
+                 "data_counts": list(self.data_counts), "base_fingerprint": self.base_fingerprint,
+                 "trained_parameters": self.trained_parameters}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, state,
                                     self.cfg.checkpoint.keep_last, self.dist.is_main)
         try:

@@ -4,9 +4,13 @@
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of bf16 dot-product instructions
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -16,10 +20,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 dot products natively (avx512_bf16 or AMX). Without them oneDNN
+    emulates bf16 and it is slower than fp32; with them a matmul ran 2.2x the fp32 rate here."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on a GPU and fp32 on the CPU (where bf16 matmuls are slow); else bf16 or fp32."""
+    """`auto` is bf16 on a GPU and on a CPU with native bf16 (avx512_bf16, AMX), else fp32; or bf16, fp32."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"Precision {precision!r} is invalid: use auto, bf16 or fp32.")
     return PRECISIONS[precision]

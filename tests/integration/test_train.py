@@ -75,6 +75,13 @@ def test_zero2_resume_matches_uninterrupted_run(tiny_model_dir, data_dir, tmp_pa
         assert all(torch.equal(ea[k], eb[k]) for k in ea)
     done = sorted(p.name for p in (parts / "checkpoints").glob("step-*") if (p / "COMMITTED").exists())
     assert done == ["step-0000002", "step-0000004"]
+    # lean: the checkpoint holds only what trains; the frozen base came from model.pretrained_dir
+    module = torch.load(parts / "checkpoints" / "step-0000004" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    params = [k for k in module if k.endswith(("weight", "bias", "learned_vectors"))]
+    assert params and all("lora_" in k or k.endswith("learned_vectors") for k in params)
+    meta = json.loads((parts / "checkpoints" / "step-0000004" / "meta.json").read_text())
+    assert meta["base_fingerprint"] and meta["trained_parameters"] == len(params)
     assert json.loads((parts / "config.json").read_text())["checkpoint"]["resume"] == "latest"
 
 
@@ -118,12 +125,14 @@ def test_zero3_trains_only_new_rows_and_exports_load_into_stock_pipeline(tiny_mo
     script = tmp_path / "zero3_check.py"
     script.write_text(ZERO3_CHECK.format(root=str(ROOT)))
     args = common_args(tiny_model_dir, data_dir, run, train__max_steps=3, checkpoint__every_steps=0,
+                       checkpoint__save_final="false",
                        train__ds_config="ds_configs/zero3.json", optimizer__learning_rate=5e-2,
                        textual_inversion__learning_rate=5e-1, optimizer__warmup_steps=0)
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check = json.loads((run / "zero3_check.json").read_text())
+    assert not list((run / "checkpoints").glob("step-*"))  # every_steps=0 and save_final=false: none
     assert check == {"partitioned": True, "old_rows_identical": True, "learned_changed": True}
 
     export = run / "export"

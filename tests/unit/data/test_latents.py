@@ -225,3 +225,41 @@ def test_cli_prepare_latents(image_shards, tiny_model_dir, tmp_path, capsys):
     torch.testing.assert_close(out_sample["latents"], torch.from_numpy(mean.astype(np.float32)))  # no noise
     assert main(args) == 2  # OUT holds shards: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_flipped_sample_keeps_its_mask_on_the_defect_in_its_stored_latents(tiny_model_dir, tmp_path):
+    """The defect is the only bright patch, left of centre; after a flip both the stored mirror latents and
+    the mask must put it on the right, at the same latent pixels (the loss weights exactly those)."""
+    from defect_ds.model.objective import latent_mask
+
+    pixels = np.zeros((RES, RES, 3), np.uint8)
+    pixels[16:32, 8:24] = 255  # the defect, where _mask-like coordinates put it
+    mask = np.zeros((RES, RES), np.uint8)
+    mask[16:32, 8:24] = 255
+    src = tmp_path / "images"
+    src.mkdir()
+    with wds.TarWriter(str(src / "train-000000.tar")) as writer:
+        for key, image in (("defect", pixels), ("blank", np.zeros_like(pixels))):
+            writer.write({"__key__": key, "image.png": _png(Image.fromarray(image)),
+                          "mask.png": _png(Image.fromarray(mask)), "caption.txt": b"a part",
+                          "json": json.dumps({"category": "part", "defect_type": "spot", "split": "train",
+                                              "source": key, "size": [RES, RES]}).encode()})
+    (src / "manifest.json").write_text(json.dumps({"kind": "images", "defect_tokens": {}, "counts": {},
+                                                   "shards": {"train": [{"name": "train-000000.tar",
+                                                                         "samples": 2}], "val": []}}))
+    encode_shards(src, tmp_path / "lat", tiny_model_dir, resolution_px=RES, batch_size=2, device="cpu",
+                  mean_only=True)
+    samples = read_samples(tmp_path / "lat")
+    cfg = DataConfig(resolution_px=RES)
+    for flip in (False, True):
+        defect = transform_latent_sample(samples["defect"], cfg, flip=flip)
+        blank = transform_latent_sample(samples["blank"], cfg, flip=flip)
+        change = (defect["latents"] - blank["latents"]).abs().sum(0)  # where the bright patch shows
+        weights = latent_mask(defect["mask"][None], change.shape)[0, 0]
+        mirrored = weights.flip(-1)  # where the mask would be had one of the two not been flipped
+
+        def inside(m):
+            return float((change * m).sum() / m.sum())
+
+        assert inside(weights) > 1.1 * inside(mirrored), (flip, inside(weights), inside(mirrored))
+        assert (weights[:, : RES // 16].sum() > 0) != flip  # the patch is left unflipped, right flipped

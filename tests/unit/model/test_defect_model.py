@@ -135,3 +135,36 @@ def test_prior_preservation_adds_nothing_when_the_adapters_are_zero(tiny_model_d
     plain = model.loss(_batch(), torch.Generator().manual_seed(2))
     model.loss_cfg.prior_preservation_weight = 5.0
     assert torch.equal(model.loss(_batch(), torch.Generator().manual_seed(2)), plain)
+
+
+def test_bf16_on_the_cpu_puts_the_unet_convolutions_in_channels_last(tiny_model_dir):
+    cfg = RunConfig()
+    cfg.model.pretrained_dir = str(tiny_model_dir)
+    for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
+        model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=[], compute_dtype=dtype)
+        weight = model.unet.conv_in.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == expected and weight.dtype == dtype
+        assert model.channels_last == expected
+
+
+def test_each_distinct_caption_is_tokenised_once_and_ids_match_the_tokenizer(tiny_model_dir):
+    from defect_ds.model.components import tokenize
+
+    _, model = _model(tiny_model_dir)
+    calls = []
+    real = model.tokenizer.__class__.__call__
+
+    def counting(self, texts, **kwargs):
+        calls.append(list(texts))
+        return real(self, texts, **kwargs)
+
+    captions = ["a photo of a pill with a sks_scratch", "a tile", "a photo of a pill with a sks_scratch"]
+    expected = tokenize(model.tokenizer, [model.prompt_text(c) for c in captions])
+    model.tokenizer.__class__.__call__ = counting
+    try:
+        first = model.token_ids(captions)
+        second = model.token_ids(list(reversed(captions)))
+    finally:
+        model.tokenizer.__class__.__call__ = real
+    assert torch.equal(first, expected) and torch.equal(second, expected.flip(0))
+    assert calls == [[model.prompt_text(captions[0]), model.prompt_text(captions[1])]]  # once, distinct only

@@ -171,7 +171,9 @@ def test_make_meter_from_a_run(tiny_model_dir, tiny_lora_ti):
                        peak_tflops_override=cfg.logging.peak_tflops)
     assert meter.flops == tiny_lora_ti  # rank 8, the default targets, learned tokens, no VAE per step
     assert meter.flops.vae_encode == 0 and meter.flops.text_encoder_backward > 0
-    assert meter.peak_tflops is None and meter.world_size == 2
+    # the CPU has no table entry: its fp32 matmul peak is measured, so a CPU run reports MFU too
+    assert meter.peak_tflops is not None and meter.peak_tflops > 0 and meter.world_size == 2
+    assert meter.report(elapsed=1.0, samples=4)["mfu"] is not None
 
 
 @pytest.mark.gpu
@@ -189,3 +191,14 @@ def test_meter_on_cuda_reports_memory_and_a_plausible_mfu():
     assert values["peak_mem_reserved_gib"] >= values["peak_mem_alloc_gib"]
     if peak is not None:
         assert 0.05 < values["mfu"] < 1.0
+
+
+def test_cpu_peak_is_a_matmul_rate_and_bf16_is_native_only_with_its_flags():
+    from defect_ds.perf.cpu_peak import matmul_tflops
+    from defect_ds.utils.device import cpu_has_native_bf16
+
+    rate = matmul_tflops(torch.float32, size=256, seconds=0.05, threads=1)
+    assert 1e-4 < rate < 10  # TFLOP/s of one core: GFLOP/s to a few TFLOP/s, not FLOP/s or PFLOP/s
+    assert cpu_has_native_bf16("flags\t\t: fpu sse avx512f avx512_bf16 \n")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t\t: fpu sse avx2 avx512f\n")

@@ -118,7 +118,7 @@ def fabricated_results() -> tuple[list[dict], dict]:
           "metrics": {"images_per_s": 21.5, "images_per_s_min": 20.0, "images_per_s_max": 23.0,
                       "step_time_s": 1.49, "tflops_per_device": 150.0, "mfu": 0.152, "hfu": 0.18,
                       "data_wait_share": 0.01, "peak_mem_alloc_gib": 11.2, "peak_mem_reserved_gib": 12.9,
-                      "model_gflop_per_image": 7.0}}
+                      "model_gflop_per_image": 7.0}, "checkpoint": {"mib": 6.4, "save_s": 0.35}}
     failed = dict(ok, name="z3o_a1_mb4_ckpt_img", status="failed", metrics={}, profile_trace=None,
                   point=dataclasses.asdict(sweep.Point("3o", 1, 4, True, False)),
                   error="RuntimeError: Error building extension 'cpu_adam'",
@@ -153,6 +153,7 @@ def test_results_are_written_as_json_markdown_and_png(tmp_path):
     ok, failed = table(md)
     assert (ok["images/s"], ok["MFU"], ok["global batch"], ok["ZeRO"]) == ("21.5", "15.2%", "4", "2")
     assert failed["images/s"] == "-" and failed["ZeRO"] == "3 + offload"
+    assert (ok["ckpt MiB"], ok["ckpt save s"]) == ("6.4", "0.35")
     with Image.open(tmp_path / "sweep-gpu-2026-11-22.png") as image:
         assert image.size[0] > 500 and image.size[1] > 100
 
@@ -202,3 +203,5 @@ def test_one_tiny_point_runs_under_deepspeed_and_is_measured(tiny_model_dir, tmp
     trace = json.loads(open(result["profile_trace"]).read())
     assert any("ProfilerStep" in e.get("name", "") or e.get("ph") == "X" for e in trace["traceEvents"])
     assert not (tmp_path / "runs" / result["name"] / "checkpoints").exists()
+    assert result["checkpoint"]["mib"] > 0 and result["checkpoint"]["save_s"] > 0  # read before removal
+    assert all(r["mfu"] > 0 for r in result["intervals"])  # the CPU's measured peak gives an MFU

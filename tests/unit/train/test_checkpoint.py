@@ -4,11 +4,13 @@ No DeepSpeed process: a fake engine writes what `engine.save_checkpoint` would, 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from defect_ds.config import ConfigError
 from defect_ds.train import checkpoint as ckpt
 
 
@@ -25,8 +27,10 @@ class FakeEngine:
     def __init__(self):
         self.saved: list[tuple[str, dict]] = []
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool,
+                        exclude_frozen_parameters: bool) -> None:
         assert not save_latest  # the commit marker, not DeepSpeed's `latest` file, says what is complete
+        assert exclude_frozen_parameters  # lean: the frozen base comes from model.pretrained_dir
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
         self.saved.append((tag, client_state))
@@ -107,3 +111,36 @@ def test_rng_state_round_trips():
     torch.rand(5)
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_save_checkpoint_writes_meta_with_size_time_and_base(tmp_path, no_barrier):
+    state = {"step": 3, "base_fingerprint": "abc", "trained_parameters": ["unet.a", "unet.b"]}
+    path = ckpt.save_checkpoint(FakeEngine(), tmp_path, 3, state, keep_last=1, is_main=True)
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    assert meta["step"] == 3 and meta["base_fingerprint"] == "abc" and meta["trained_parameters"] == 2
+    assert meta["bytes"] == len(b"weights") and meta["save_s"] >= 0
+
+
+def _model_folder(root: Path, weights: bytes) -> Path:
+    (root / "unet").mkdir(parents=True)
+    (root / "unet" / "config.json").write_text('{"sample_size": 8}')
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    return root
+
+
+def test_base_fingerprint_changes_with_any_weight_chunk_and_not_with_the_folder_path(tmp_path):
+    weights = bytes(range(256)) * 4096  # 1 MiB: read in chunks
+    a = ckpt.base_fingerprint(_model_folder(tmp_path / "a", weights))
+    assert a == ckpt.base_fingerprint(_model_folder(tmp_path / "copy", weights))
+    changed = bytearray(weights)
+    changed[-1] ^= 1  # the last byte: the final chunk covers it
+    assert a != ckpt.base_fingerprint(_model_folder(tmp_path / "b", bytes(changed)))
+
+
+def test_resume_refuses_another_base_or_other_trained_parameters(tmp_path):
+    state = {"base_fingerprint": "abc", "trained_parameters": ["unet.lora_A", "unet.lora_B"]}
+    ckpt.check_same_base(state, tmp_path, "abc", ["unet.lora_A", "unet.lora_B"])  # same: no error
+    with pytest.raises(ConfigError, match="model.pretrained_dir"):
+        ckpt.check_same_base(state, tmp_path, "other", ["unet.lora_A", "unet.lora_B"])
+    with pytest.raises(ConfigError, match=r"missing \['unet.tok'\]"):
+        ckpt.check_same_base(state, tmp_path, "abc", ["unet.lora_A", "unet.lora_B", "unet.tok"])

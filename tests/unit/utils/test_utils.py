@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from defect_ds.utils.device import resolve_device, resolve_dtype
+from defect_ds.utils.device import cpu_has_native_bf16, resolve_device, resolve_dtype
 from defect_ds.utils.files import atomic_folder
 from defect_ds.utils.net import free_port
 
@@ -40,7 +40,8 @@ def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
 def test_device_and_dtype_rules():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    native = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # avx512_bf16 or AMX
+    assert resolve_dtype("auto", torch.device("cpu")) == native
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("fp32", torch.device("cuda", 0)) == torch.float32
