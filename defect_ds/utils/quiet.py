@@ -4,11 +4,14 @@
 
 diffusers and transformers print, on every load: the safety-checker notice (we pass none: these are
 parts, not people), the LoRA text-encoder prefix note (our exports adapt the UNet only) and the
-embedding-resize note (new token rows are set by the export, not by the resize). Errors still print.
+embedding-resize note (new token rows are set by the export, not by the resize), and the notice that
+`torch_dtype` is renamed (the old name works on every diffusers release setup.cfg admits). Errors
+still print.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 
@@ -24,7 +27,9 @@ def quiet_libraries() -> Iterator[None]:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
