@@ -47,7 +47,7 @@ demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/ma
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus $(NUM_PROCS) train.py --config configs/default.toml \
 	  --checkpoint.resume=latest
 	$(BIN)/defect-ds generate $(WORK)/generated --run $(RUN) --mode inpaint --sources $(WORK)/downstream/shots \
-	  --masks dataset --data $(WORK)/downstream/shots --num-per-type 24 --steps 20 --guidance-scale 3
+	  --masks augmented --data $(WORK)/downstream/shots --num-per-type 24 --steps 20 --guidance-scale 3
 	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream --arms real,copy-paste,generated,real+generated \
 	  --generated $(WORK)/generated --seeds 2 --width 8
 	@echo "run: $(RUN)   generated pairs: $(WORK)/generated (grid.png)   does it help: $(RUN)/downstream/downstream.md"

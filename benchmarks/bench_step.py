@@ -7,7 +7,9 @@ Each variant is NAME:SECTION.FIELD=VALUE[,SECTION.FIELD=VALUE...] on top of the 
 variant's model is built once; then rounds run the variants in turn (A B C A B C ...), each round
 timing `--steps` steps (loss, backward, AdamW) of a random batch after `--warmup-steps`. On a
 loaded machine absolute times drift, so the figure to read is each variant's median step time
-relative to the first variant within the same round. Results go to
+relative to the first variant within the same round. `--latents` feeds every variant stored latents and
+text embeddings (what `defect-ds prepare latents --text-embeddings` writes), so the step is the UNet's
+alone and its FLOPs leave out the VAE and the text encoder. Results go to
 benchmarks/results/step-DATE-NAME.md with the device, versions, load and resolved settings.
 """
 from __future__ import annotations
@@ -46,6 +48,14 @@ def random_batch(batch: int, resolution: int, generator: torch.Generator) -> dic
             "mask": mask, "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]}
 
 
+@torch.no_grad()
+def stored_latents(model, batch: dict) -> dict:
+    """The batch as latent shards give it: unscaled VAE posterior mean and the text encoder's output."""
+    latents = model.vae.encode(batch["pixel_values"].to(model.compute_dtype)).latent_dist.mean.float()
+    text = model.text_encoder(model.token_ids(batch["caption"]))[0].float()
+    return {"latents": latents, "text_embeds": text, "mask": batch["mask"], "caption": batch["caption"]}
+
+
 class Runner:
     """One variant: its model, optimizer and the function that runs a step."""
 
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before the first round")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--latents", action="store_true",
+                   help="steps on stored latents and text embeddings (no VAE, no text encoder per step)")
     p.add_argument("--out", help="markdown results file (default benchmarks/results/step-DATE-NAMES.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     runners = {name: Runner(args.config, common + overrides) for name, overrides in variants}
     batch = random_batch(args.batch, args.resolution_px, torch.Generator().manual_seed(0))
+    if args.latents:
+        batch = stored_latents(next(iter(runners.values())).model, batch)
     for runner in runners.values():
         for _ in range(args.warmup_steps):
             runner.step(batch)
@@ -108,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                           runners[base].model.text_encoder.config, resolution_px=args.resolution_px,
                           unet_mode=cfg.model.unet_mode, lora_rank=cfg.lora.rank,
                           lora_targets=list(cfg.lora.target_modules),
-                          activation_checkpointing=cfg.model.activation_checkpointing)
+                          activation_checkpointing=cfg.model.activation_checkpointing,
+                          latents_precomputed=args.latents, text_embeddings_precomputed=args.latents)
     peaks = cpu_peaks(threads=args.threads)
     lines = [f"# Training step, one process, {datetime.date.today()}", "",
              f"`python benchmarks/bench_step.py {' '.join(argv or __import__('sys').argv[1:])}`", "",
@@ -118,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
              "- versions: " + ", ".join(f"{lib} {metadata.version(lib)}" for lib in
                                         ("torch", "diffusers", "peft", "transformers")),
              f"- model {args.model}, {args.resolution_px} px, batch {args.batch}, {args.rounds} rounds x "
-             f"{args.steps} steps after {args.warmup_steps} warm-up steps; model GFLOP per image "
+             f"{args.steps} steps after {args.warmup_steps} warm-up steps"
+             f"{' on stored latents and text embeddings' if args.latents else ''}; model GFLOP per image "
              f"{flops.model_flops / 1e9:.2f}",
              f"- measured matmul peak: fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, bf16 {peaks['bf16'] * 1e3:.0f} GFLOP/s",
              "", "| variant | settings | median s/step | images/s | vs first (per-round medians) | % of peak |",

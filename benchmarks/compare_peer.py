@@ -14,6 +14,10 @@ machine's load hits both; the figure to read is the ratio ours/peer of each adja
 as its median and range. The peer's code is not part of this repository: fetch it (for diffusers'
 example, examples/text_to_image/train_text_to_image_lora.py of huggingface/diffusers) and run it on
 the same model folder and images (an imagefolder with metadata.jsonl captions).
+
+`--setup` runs a command once before the pairs (e.g. `defect-ds prepare latents ...`, work that ours does
+once per data set where the peer repeats it every step) and reports its time beside the ratio, with
+the number of steps after which it has paid for itself.
 """
 from __future__ import annotations
 
@@ -82,6 +86,13 @@ def images_per_s(seen: dict[int, float], warmup_steps: int, batch: int, max_step
     return (last - first) * batch / (seen[last] - seen[first])
 
 
+def _payback_steps(setup_s: float, rates: dict[str, list[float]], batch: int) -> str:
+    """Steps after which `setup_s` is saved by ours' faster steps (median rates), or 'never'."""
+    ours, peer = statistics.median(rates["ours"]), statistics.median(rates["peer"])
+    saved_per_step = batch / peer - batch / ours
+    return "never" if saved_per_step <= 0 else f"{setup_s / saved_per_step:.0f}"
+
+
 def versions() -> str:
     out = []
     for lib in LIBRARIES:
@@ -103,13 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out at the start of each run")
     p.add_argument("--repeats", type=int, default=3, help="pairs of runs (ours, peer)")
     p.add_argument("--timeout-s", type=int, default=900, help="a run longer than this fails the comparison")
+    p.add_argument("--setup", default="", help="a command run once before the pairs; its time is reported")
     p.add_argument("--label", default="", help="what is compared (model, resolution, batch, precision)")
     p.add_argument("--out", default=f"benchmarks/results/peer-{datetime.date.today()}.md")
     p.add_argument("--log-dir", default="/tmp/compare_peer", help="each run's output goes here")
     args = p.parse_args(argv)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    setup_s = None
+    if args.setup:
+        start = time.perf_counter()
+        subprocess.run(args.setup, shell=True, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        setup_s = time.perf_counter() - start
     rates: dict[str, list[float]] = {"ours": [], "peer": []}
+    first_step_s: dict[str, list[float]] = {"ours": [], "peer": []}  # launch to the first step line
     loads: list[str] = []
     for i in range(args.repeats):
         for who in ("ours", "peer"):
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             load = os.getloadavg()[0]
             seen = step_times(command, getattr(args, f"{who}_pattern"), args.timeout_s, log_dir / f"{who}-{i}.log")
             rates[who].append(images_per_s(seen, args.warmup_steps, args.batch, args.steps))
+            first_step_s[who].append(seen[min(seen)])
             loads.append(f"{who} {i}: {load:.2f} -> {os.getloadavg()[0]:.2f}")
             print(f"run {i} {who}: {rates[who][-1]:.3f} images/s (load {load:.2f})", flush=True)
     ratios = [a / b for a, b in zip(rates["ours"], rates["peer"])]
@@ -129,7 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         f"- versions: Python {sys.version.split()[0]}, {versions()}",
         f"- {args.repeats} pairs, {args.steps} steps per run, batch {args.batch}; timed from the first step "
         f"at or after step {args.warmup_steps} to the last (start-up and warm-up excluded)",
-        "- load average (1 min) before -> after each run: " + "; ".join(loads), "",
+        "- load average (1 min) before -> after each run: " + "; ".join(loads),
+        "- launch to the first step line (start-up, model loading, compilation; not in the rates): ours "
+        + ", ".join(f"{t:.1f}" for t in first_step_s["ours"]) + " s; peer "
+        + ", ".join(f"{t:.1f}" for t in first_step_s["peer"]) + " s",
+        *([] if setup_s is None else [
+            f"- one-time set-up (`--setup`), not in the rates: {setup_s:.1f} s, paid back after "
+            f"{_payback_steps(setup_s, rates, args.batch)} steps at the measured rates"]), "",
         "| pair | ours images/s | peer images/s | ours / peer |", "| ---: | ---: | ---: | ---: |",
     ]
     for i, (a, b, r) in enumerate(zip(rates["ours"], rates["peer"], ratios)):

@@ -25,8 +25,8 @@ class ModelConfig:
     pretrained_dir: str = "work/tiny-sd"  # local diffusers Stable Diffusion folder (tiny or real SD 1.5)
     unet_mode: Literal["lora", "full", "frozen"] = "lora"  # what of the UNet trains
     activation_checkpointing: bool = True  # recompute UNet blocks in backward to save memory
-    # NHWC memory format for the UNet convolutions (fast on GPUs); bf16 on the CPU always uses it, since
-    # only then are its convolutions fast (SD 1.5 at 256 px: 1.8-2.0x fp32; bf16 in NCHW was not faster)
+    # NHWC memory format for the UNet's frozen convolutions (a GPU lever). On this CPU it did not pay:
+    # an SD 1.5 step at 256 px in bf16 ran at 0.96x of NCHW (benchmarks/results/step-*-latents-layout.md)
     channels_last: bool = False
     compile: bool = False  # torch.compile the UNet
 

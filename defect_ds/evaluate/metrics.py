@@ -432,7 +432,7 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
         real_t = [(s["image"], s["mask"]) for s in real_all if s["defect_type"] == t][:grid_per_row]
         if real_t:
             rows.append((f"{t}: real", real_t))
-    grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=max(64, min(256, size)))
+    grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=max(128, min(256, size)))
     comparison = compare_masks(gen, real_all, types)  # do the generated masks look like the real ones?
     report["masks"] = {t: {side: e[side] for side in ("generated", "real")} for t, e in comparison.items()}
     figure = save_mask_figure(comparison, out_dir / "masks.png")

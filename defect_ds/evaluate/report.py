@@ -16,17 +16,18 @@ from defect_ds.evaluate.mask_stats import masks_markdown
 OVERLAY_RGB = (255, 40, 40)
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.35) -> np.ndarray:
-    """The image with the mask tinted red and its outline drawn in solid red (uint8 (H, W, 3))."""
-    m = mask.astype(bool)
-    out = image.astype(np.float32).copy()
-    out[m] = (1 - alpha) * out[m] + alpha * np.array(OVERLAY_RGB, np.float32)
+def overlay_mask(image: np.ndarray, mask: np.ndarray, scale: int = 1) -> np.ndarray:
+    """The image enlarged `scale` times (nearest) with the mask's outline drawn in red just outside it
+    (uint8 (H*scale, W*scale, 3)). Pixels inside the mask are left as they are, so a defect one pixel
+    wide stays visible inside its outline."""
+    m = np.kron(mask.astype(bool), np.ones((scale, scale), bool))
+    out = np.kron(image, np.ones((scale, scale, 1), image.dtype)) if scale > 1 else image.copy()
     padded = np.pad(m, 1, constant_values=False)
-    interior = m.copy()
+    grown = m.copy()
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        interior &= padded[dy:dy + m.shape[0], dx:dx + m.shape[1]]
-    out[m & ~interior] = OVERLAY_RGB
-    return out.round().astype(np.uint8)
+        grown |= padded[dy:dy + m.shape[0], dx:dx + m.shape[1]]
+    out[grown & ~m] = OVERLAY_RGB
+    return out.astype(np.uint8)
 
 
 def make_grid(rows: list[tuple[str, list[np.ndarray]]], cell_px: int = 128, pad_px: int = 2,
@@ -61,11 +62,12 @@ def save_sample_grid(samples_dir: str | Path, out_path: str | Path, per_row: int
     rows = []
     for defect_type, folders in sorted(by_type.items()):
         folders = folders[:per_row]
-        cells = [overlay_mask(_rgb(f / "image.png"), _mask(f / "mask.png")) for f in folders]
-        rows.append((f"{defect_type} (mask in red)", cells))
+        cells = [overlay_mask(_rgb(f / "image.png"), _mask(f / "mask.png"), _scale(f / "image.png"))
+                 for f in folders]
+        rows.append((f"{defect_type} (mask outlined in red)", cells))
         if with_source and all((f / "source.png").is_file() for f in folders):
             rows.append((f"{defect_type}: source images", [_rgb(f / "source.png") for f in folders]))
-    cell = max(64, min(256, _rgb(folders[0] / "image.png").shape[0]))
+    cell = max(128, min(256, _rgb(folders[0] / "image.png").shape[0]))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, cell_px=cell).save(out_path)
     return out_path
@@ -76,10 +78,16 @@ def save_pair_grid(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray | Non
     """Rows of (image, mask or None) pairs, masks overlaid: e.g. real next to generated per defect type."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    grid_rows = [(label, [overlay_mask(img, m) if m is not None else img for img, m in cells])
+    grid_rows = [(label, [overlay_mask(img, m, max(1, cell_px // img.shape[0])) if m is not None else img
+                          for img, m in cells])
                  for label, cells in rows]
     make_grid(grid_rows, cell_px=cell_px).save(out_path)
     return out_path
+
+
+def _scale(path: Path, cell_px: int = 128) -> int:
+    """How many times to enlarge an image before outlining, so the outline is thin beside its pixels."""
+    return max(1, cell_px // Image.open(path).size[0])
 
 
 def _rgb(path: Path) -> np.ndarray:

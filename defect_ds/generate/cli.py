@@ -143,7 +143,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument("--batch-size", type=int, default=4)
     sampling.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     sampling.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                          help="auto: bf16 on a GPU, fp32 on the CPU")
+                          help="auto: bf16 on a GPU and on a CPU with native bf16 (avx512_bf16, AMX), else fp32")
     out = p.add_argument_group("output")
     out.add_argument("--shard-size", type=int, default=1000, help="samples per WebDataset shard")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -164,8 +164,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInv
         for p in module.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(compute_dtype)
-    # bf16 convolutions on the CPU are fast only in NHWC (measured: without it bf16 was no faster than fp32)
-    channels_last = model_cfg.channels_last or (device.type == "cpu" and compute_dtype == torch.bfloat16)
+    channels_last = model_cfg.channels_last
     vae.to(device).eval()
     mask_gating = model_cfg.unet_mode == "lora" and lora_cfg.mask_gating
     if mask_gating:

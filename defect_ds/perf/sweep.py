@@ -357,7 +357,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents-data", help="latent shards; made from --data if absent (default WORK_DIR/latents-RESpx)")
     p.add_argument("--resolution-px", type=int, help="training resolution (default 64 tiny, 512 sd15)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="train.precision (auto: bf16 on GPUs, fp32 on the CPU)")
+                   help="train.precision (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
     p.add_argument("--num-gpus", type=int, help="processes per point (default: the GPU count, 2 on the CPU)")
     p.add_argument("--config", default="configs/default.toml", help="run config every point starts from")
     p.add_argument("--interval-steps", type=int, default=5, help="optimizer steps per logged interval")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from defect_ds.config import LoggingConfig
@@ -38,19 +39,25 @@ class SampleGrids:
         model.unet.train()
 
 
-def centre_mask(resolution_px: int) -> torch.Tensor:
-    """A (1, 1, R, R) mask over the middle quarter of the image, where sample defects are asked for."""
-    mask = torch.zeros(1, 1, resolution_px, resolution_px)
-    q = resolution_px // 4
-    mask[..., q:resolution_px - q, q:resolution_px - q] = 1
-    return mask
+def sample_masks(prompts: list[str], resolution_px: int, seed: int) -> torch.Tensor:
+    """(N, 1, R, R) masks, one per prompt, in the middle of the image where the objects sit: a stroke
+    for prompts naming a scratch or a crack, a blob otherwise (the same every render, from `seed`)."""
+    from defect_ds.data.objects import centre_region
+    from defect_ds.generate.masks import random_mask
+
+    rng = np.random.default_rng(seed)
+    region = centre_region(resolution_px, resolution_px, 0.3)
+    masks = [random_mask(resolution_px, resolution_px, rng, region, size_range=(0.4, 0.7),
+                         kind="stroke" if ("scratch" in p or "crack" in p) else "blob") for p in prompts]
+    return torch.from_numpy(np.stack(masks)[:, None]).float()
 
 
 @torch.no_grad()
 def render_sample_grid(unet, text_encoder, vae, tokenizer, noise_scheduler, prompts: list[str], *,
                        resolution_px: int, steps: int, seed: int, mask_gating: bool,
                        out_path: Path | None) -> torch.Tensor:
-    """Renders one image per prompt with DDIM (the mask outlined in red) and writes a PNG row."""
+    """Renders one image per prompt with DDIM and writes a PNG row, enlarged, the mask outlined in red
+    just outside it."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from torchvision.utils import save_image
 
@@ -61,7 +68,7 @@ def render_sample_grid(unet, text_encoder, vae, tokenizer, noise_scheduler, prom
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     device = next(vae.parameters()).device
-    mask = centre_mask(resolution_px).to(device)
+    mask = sample_masks(prompts, resolution_px, seed).to(device)
     if mask_gating:
         set_mask(unet, mask)
     generator = torch.Generator(device).manual_seed(seed)
@@ -70,11 +77,12 @@ def render_sample_grid(unet, text_encoder, vae, tokenizer, noise_scheduler, prom
     if mask_gating:
         set_mask(unet, None)
     unet.train(was_training)
-    edge = mask.cpu() - torch.nn.functional.max_pool2d(-mask.cpu(), 3, 1, 1).neg()  # inner outline
-    outlined = images.clone()
-    outlined[:, 0:1][edge.expand(len(images), -1, -1, -1) > 0] = 1.0
-    outlined[:, 1:3][edge.expand(len(images), 2, -1, -1) > 0] = 0.0
     if out_path is not None:
+        from defect_ds.evaluate.report import overlay_mask
+
+        scale = max(1, 128 // resolution_px)  # enlarged, so the outline stays thin beside the defect
+        pixels = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
+        tiles = [overlay_mask(img, m[0].cpu().numpy(), scale) for img, m in zip(pixels, mask)]
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(outlined, out_path, nrow=len(prompts))
+        save_image(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255, out_path, nrow=len(prompts))
     return images

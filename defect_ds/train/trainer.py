@@ -8,6 +8,7 @@ optimizer and the schedule, and runs the loop: step, log, checkpoint, sample, pr
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from defect_ds.train.monitors import FiniteCheck, Interval, ProfilerWindow
 from defect_ds.train.preflight import RunInputs, check_run_inputs
 from defect_ds.train.sample_grid import SampleGrids
 from defect_ds.utils.device import resolve_dtype
+from defect_ds.utils.quiet import quiet_libraries
 
 
 class Trainer:
@@ -48,6 +50,8 @@ class Trainer:
         import deepspeed  # slow to import: train.py validates the config first
 
         cfg, device = self.cfg, self.dist.device
+        # ZeRO calls a torch collective that torch has since renamed: the notice is DeepSpeed's to act on
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         if self.inputs is None:
             self.inputs = check_run_inputs(cfg, self.dist.world_size)
         self.ds_config = self.inputs.ds_config
@@ -56,9 +60,10 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical new-layer weights on every rank
         tokens = list(defect_tokens.values()) if cfg.textual_inversion.enabled else []
-        model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=tokens,
-                            compute_dtype=resolve_dtype(cfg.train.precision, device), device=device,
-                            defer_layout=True)
+        with quiet_libraries():  # loading bars and notices of the model's parts
+            model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=tokens,
+                                compute_dtype=resolve_dtype(cfg.train.precision, device), device=device,
+                                defer_layout=True)
         optimizer = self._optimizer(model, device)
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._schedule(optimizer), config=self.ds_config)

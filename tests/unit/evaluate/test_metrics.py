@@ -14,7 +14,7 @@ from PIL import Image
 from defect_ds.cli import main
 from defect_ds.evaluate.metrics import (cluster_centres, evaluate, ic_lpips, mask_localisation, masked_pixel_diversity,
                                         pixel_distance, write_random_inception_weights)
-from defect_ds.evaluate.report import markdown_report
+from defect_ds.evaluate.report import markdown_report, overlay_mask
 from defect_ds.generate.output import write_sample
 from defect_ds.generate.spec import GenerationSettings, SampleSpec
 
@@ -341,3 +341,15 @@ def test_the_feature_cache_holds_tensors_only(image_sets, inception_weights, tmp
     # the user's weights file is read as tensors only, and nothing of the cache is torch.load-ed at all
     assert (str(inception_weights), True) in loads
     assert all(w is True for f, w in loads if f == str(inception_weights) or f.startswith(str(cache))), loads
+
+
+def test_the_outline_leaves_a_one_pixel_defect_visible():
+    image = np.full((8, 8, 3), 100, np.uint8)
+    image[2:6, 4] = 255  # a one-pixel-wide scratch
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 4] = 1
+    out = overlay_mask(image, mask, scale=2)
+    assert out.shape == (16, 16, 3)
+    assert (out[4:12, 8:10] == 255).all()  # the scratch, enlarged, untouched
+    assert (out[4:12, 7] == (255, 40, 40)).all() and (out[4:12, 10] == (255, 40, 40)).all()  # outline beside it
+    assert (out[0, 0] == 100).all()  # far from the mask: the image

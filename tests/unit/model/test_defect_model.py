@@ -137,14 +137,16 @@ def test_prior_preservation_adds_nothing_when_the_adapters_are_zero(tiny_model_d
     assert torch.equal(model.loss(_batch(), torch.Generator().manual_seed(2)), plain)
 
 
-def test_bf16_on_the_cpu_puts_the_unet_convolutions_in_channels_last(tiny_model_dir):
+def test_channels_last_follows_the_config_in_either_precision(tiny_model_dir):
     cfg = RunConfig()
     cfg.model.pretrained_dir = str(tiny_model_dir)
-    for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
-        model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=[], compute_dtype=dtype)
-        weight = model.unet.conv_in.weight
-        assert weight.is_contiguous(memory_format=torch.channels_last) == expected and weight.dtype == dtype
-        assert model.channels_last == expected
+    for dtype in (torch.bfloat16, torch.float32):
+        for channels_last in (True, False):
+            cfg.model.channels_last = channels_last
+            model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=[], compute_dtype=dtype)
+            weight = model.unet.conv_in.weight
+            assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert weight.dtype == dtype and model.channels_last == channels_last
 
 
 def test_each_distinct_caption_is_tokenised_once_and_ids_match_the_tokenizer(tiny_model_dir):
