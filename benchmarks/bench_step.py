@@ -29,6 +29,7 @@ from defect_ds.model.defect_model import build_model
 from defect_ds.perf.cpu_peak import cpu_peaks
 from defect_ds.perf.flops import measure_flops
 from defect_ds.perf.sweep import cpu_name
+from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.device import resolve_dtype
 
 CAPTIONS = ["a photo of a pill with a scratch", "a photo of a screw with a crack", "a photo of a tile"]
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="markdown results file (default benchmarks/results/step-DATE-NAMES.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the trainer does on the CPU
     common = [f"--model.pretrained_dir={args.model}", f"--data.resolution_px={args.resolution_px}",
               f"--train.micro_batch_size={args.batch}", "--textual_inversion.enabled=false"]
     variants = [parse_variant(v) for v in args.variant]

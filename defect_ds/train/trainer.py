@@ -27,6 +27,7 @@ from defect_ds.train.monitors import FiniteCheck, Interval, ProfilerWindow
 from defect_ds.train.preflight import RunInputs, check_run_inputs
 from defect_ds.train.sample_grid import SampleGrids
 from defect_ds.utils.device import resolve_dtype
+from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.quiet import quiet_libraries
 
 
@@ -52,6 +53,8 @@ class Trainer:
         cfg, device = self.cfg, self.dist.device
         # ZeRO calls a torch collective that torch has since renamed: the notice is DeepSpeed's to act on
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        if device.type == "cpu":
+            retain_freed_memory()  # activations are reused every step: no page faults for them (utils/memory.py)
         if self.inputs is None:
             self.inputs = check_run_inputs(cfg, self.dist.world_size)
         self.ds_config = self.inputs.ds_config
