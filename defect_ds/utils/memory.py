@@ -7,8 +7,8 @@ threshold is unmapped, a free heap top over the trim threshold is trimmed). A tr
 allocates and frees the same large activation tensors every step, so every step pays page faults and
 zeroing for memory it just returned. Raising the mmap threshold to glibc's maximum (32 MiB) and the
 trim threshold out of reach (with a 1 GiB top pad, so the heap grows in large steps) keeps that memory
-mapped: an SD 1.5-architecture step at 256 px ran about
-10% faster on this project's CPU (benchmarks/results/peer-2026-11-25-sd15-256px-b1-bf16-latents-malloc.md).
+mapped: an SD 1.5-architecture step at 256 px ran about 10% faster on this project's CPU
+(benchmarks/results/peer-2026-11-25-sd15-256px-b1-bf16-latents-malloc.md).
 The cost is that the process's resident memory stays at its peak instead of falling between steps.
 """
 from __future__ import annotations
