@@ -124,8 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_s = None
     if args.setup:
         start = time.perf_counter()
-        subprocess.run(args.setup, shell=True, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(args.setup, shell=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise SystemExit(f"compare_peer: the --setup command exited with code {done.returncode}; run it "
+                             "alone to see why. Nothing was measured or written.")
         setup_s = time.perf_counter() - start
     rates: dict[str, list[float]] = {"ours": [], "peer": []}
     first_step_s: dict[str, list[float]] = {"ours": [], "peer": []}  # launch to the first step line
@@ -134,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         for who in ("ours", "peer"):
             command = getattr(args, who).replace("{steps}", str(args.steps))
             load = os.getloadavg()[0]
-            seen = step_times(command, getattr(args, f"{who}_pattern"), args.timeout_s, log_dir / f"{who}-{i}.log")
-            rates[who].append(images_per_s(seen, args.warmup_steps, args.batch, args.steps))
+            log = log_dir / f"{who}-{i}.log"
+            try:
+                seen = step_times(command, getattr(args, f"{who}_pattern"), args.timeout_s, log)
+                rates[who].append(images_per_s(seen, args.warmup_steps, args.batch, args.steps))
+            except (RuntimeError, TimeoutError, ValueError) as e:  # nothing is written before all runs end
+                raise SystemExit(f"compare_peer: {who} run {i} failed ({e}); its output is in {log}. "
+                                 f"Nothing was written to {args.out}.") from None
             first_step_s[who].append(seen[min(seen)])
             loads.append(f"{who} {i}: {load:.2f} -> {os.getloadavg()[0]:.2f}")
             print(f"run {i} {who}: {rates[who][-1]:.3f} images/s (load {load:.2f})", flush=True)

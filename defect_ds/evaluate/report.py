@@ -16,10 +16,11 @@ from defect_ds.evaluate.mask_stats import masks_markdown
 OVERLAY_RGB = (255, 40, 40)
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, scale: int = 1) -> np.ndarray:
-    """The image enlarged `scale` times (nearest) with the mask's outline drawn in red just outside it
-    (uint8 (H*scale, W*scale, 3)). Pixels inside the mask are left as they are, so a defect one pixel
-    wide stays visible inside its outline."""
+def overlay_mask(image: np.ndarray, mask: np.ndarray, cell_px: int = 128) -> np.ndarray:
+    """The image enlarged a whole number of times towards `cell_px` (nearest; never shrunk) with the
+    mask's outline drawn in red just outside it (uint8). Pixels inside the mask are left as they are, so
+    a defect one pixel wide stays visible inside its outline, and the outline is thin beside it."""
+    scale = max(1, cell_px // image.shape[0])
     m = np.kron(mask.astype(bool), np.ones((scale, scale), bool))
     out = np.kron(image, np.ones((scale, scale, 1), image.dtype)) if scale > 1 else image.copy()
     padded = np.pad(m, 1, constant_values=False)
@@ -62,8 +63,7 @@ def save_sample_grid(samples_dir: str | Path, out_path: str | Path, per_row: int
     rows = []
     for defect_type, folders in sorted(by_type.items()):
         folders = folders[:per_row]
-        cells = [overlay_mask(_rgb(f / "image.png"), _mask(f / "mask.png"), _scale(f / "image.png"))
-                 for f in folders]
+        cells = [overlay_mask(_rgb(f / "image.png"), _mask(f / "mask.png")) for f in folders]
         rows.append((f"{defect_type} (mask outlined in red)", cells))
         if with_source and all((f / "source.png").is_file() for f in folders):
             rows.append((f"{defect_type}: source images", [_rgb(f / "source.png") for f in folders]))
@@ -78,16 +78,10 @@ def save_pair_grid(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray | Non
     """Rows of (image, mask or None) pairs, masks overlaid: e.g. real next to generated per defect type."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    grid_rows = [(label, [overlay_mask(img, m, max(1, cell_px // img.shape[0])) if m is not None else img
-                          for img, m in cells])
+    grid_rows = [(label, [overlay_mask(img, m, cell_px) if m is not None else img for img, m in cells])
                  for label, cells in rows]
     make_grid(grid_rows, cell_px=cell_px).save(out_path)
     return out_path
-
-
-def _scale(path: Path, cell_px: int = 128) -> int:
-    """How many times to enlarge an image before outlining, so the outline is thin beside its pixels."""
-    return max(1, cell_px // Image.open(path).size[0])
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -80,9 +80,8 @@ def render_sample_grid(unet, text_encoder, vae, tokenizer, noise_scheduler, prom
     if out_path is not None:
         from defect_ds.evaluate.report import overlay_mask
 
-        scale = max(1, 128 // resolution_px)  # enlarged, so the outline stays thin beside the defect
         pixels = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
-        tiles = [overlay_mask(img, m[0].cpu().numpy(), scale) for img, m in zip(pixels, mask)]
+        tiles = [overlay_mask(img, m[0].cpu().numpy()) for img, m in zip(pixels, mask)]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255, out_path, nrow=len(prompts))
     return images

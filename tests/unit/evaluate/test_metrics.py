@@ -348,7 +348,7 @@ def test_the_outline_leaves_a_one_pixel_defect_visible():
     image[2:6, 4] = 255  # a one-pixel-wide scratch
     mask = np.zeros((8, 8), np.uint8)
     mask[2:6, 4] = 1
-    out = overlay_mask(image, mask, scale=2)
+    out = overlay_mask(image, mask, cell_px=16)
     assert out.shape == (16, 16, 3)
     assert (out[4:12, 8:10] == 255).all()  # the scratch, enlarged, untouched
     assert (out[4:12, 7] == (255, 40, 40)).all() and (out[4:12, 10] == (255, 40, 40)).all()  # outline beside it

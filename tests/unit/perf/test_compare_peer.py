@@ -48,3 +48,19 @@ def test_ratio_set_up_time_and_payback_are_written(compare_peer, tmp_path):
 def test_too_few_steps_after_warm_up_is_an_error(compare_peer):
     with pytest.raises(ValueError, match="fewer than two steps"):
         compare_peer.images_per_s({1: 0.1, 2: 0.2}, warmup_steps=2, batch=4, max_steps=2)
+
+
+def test_a_failing_run_is_one_sentence_and_writes_nothing(compare_peer, tmp_path):
+    ours = fake_trainer(tmp_path, "ours", "step {i} loss 0.1", 0.0)
+    out = tmp_path / "result.md"
+    with pytest.raises(SystemExit, match=r"peer run 0 failed \(exit code 3; .*Nothing was written"):
+        compare_peer.main(["--ours", ours, "--peer", f"{sys.executable} -c 'raise SystemExit(3)'", "--batch", "4",
+                           "--steps", "4", "--warmup-steps", "1", "--repeats", "1", "--out", str(out),
+                           "--log-dir", str(tmp_path / "logs")])
+    assert not out.exists()
+
+
+def test_a_failing_setup_is_one_sentence(compare_peer, tmp_path):
+    with pytest.raises(SystemExit, match="--setup command exited with code 2"):
+        compare_peer.main(["--ours", "true", "--peer", "true", "--batch", "1", "--setup", "exit 2",
+                           "--out", str(tmp_path / "r.md"), "--log-dir", str(tmp_path / "logs")])
