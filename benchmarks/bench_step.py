@@ -29,8 +29,8 @@ from defect_ds.model.defect_model import build_model
 from defect_ds.perf.cpu_peak import cpu_peaks
 from defect_ds.perf.flops import measure_flops
 from defect_ds.perf.sweep import cpu_name
-from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.device import resolve_dtype
+from defect_ds.utils.memory import retain_freed_memory
 
 CAPTIONS = ["a photo of a pill with a scratch", "a photo of a screw with a crack", "a photo of a tile"]
 
