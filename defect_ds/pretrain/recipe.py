@@ -14,16 +14,22 @@ from pathlib import Path
 @dataclass
 class BaseRecipe:
     seed: int = 0
-    # VAE: f2 (one downsampling), so a 64 px image has a 32x32x4 latent (3x compression) and 1-px
-    # scratches survive the round trip; an f4 codec of this size (16x16x4, 12x) erased every 1-px scratch
-    # (benchmarks/results/base-model-*.md). Trained as a generic codec (see stages.add_strokes).
+    # VAE: f2 (one downsampling), so a 64 px image has a 32x32x4 latent (3x compression); an f4 codec of
+    # this size (16x16x4, 12x) erased every 1-px scratch (benchmarks/results/base-model-*.md). Four latent
+    # channels because diffusers' inpainting pipeline takes no other count (8 kept more thin strokes in a
+    # trial, docs/base_model.md). Trained as a generic codec (see stages.add_strokes).
     vae_channels: tuple[int, ...] = (32, 64)
     vae_latent_channels: int = 4
-    vae_steps: int = 800
+    vae_steps: int = 1200
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6  # SD's VAE weight: a near-deterministic codec, latents kept near N(0, s^2)
+    # Starting log-variance of the posterior. diffusers starts it near 0 (std ~1), and in a short CPU run the
+    # KL-weighted codec never brings it down: at std ~0.5 against latents of std ~0.7, the sampling noise
+    # drowned every 1-px stroke, so the decoder learned to ignore them. -8 starts at std 0.02.
+    vae_logvar_init: float = -8.0
     vae_stroke_probability: float = 0.75  # share of VAE training images given random thin strokes and dots
+    vae_stroke_weight: float = 10.0  # extra loss weight of a stroke pixel (a good pixel weighs 1)
     # UNet + text encoder: SD's block types at a fraction of the width; cross-attention (and so the mask
     # gate) at the levels marked True: the 16x16 and 8x8 grids of a 64 px image, none at the 32x32 latent.
     unet_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -50,6 +56,9 @@ class BaseRecipe:
         if len(self.unet_attention) != len(self.unet_channels):
             raise ValueError(f"Recipe fields unet_attention and unet_channels must have the same length, got "
                              f"{len(self.unet_attention)} and {len(self.unet_channels)}.")
+        if self.vae_latent_channels != 4:
+            raise ValueError(f"Recipe field vae_latent_channels={self.vae_latent_channels} must be 4: diffusers' "
+                             "inpainting pipeline (`defect-ds generate --mode inpaint`) takes 4-channel latents only.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Recipe field precision={self.precision!r} must be fp32 or bf16.")
         if not 0 <= self.caption_dropout < 1:

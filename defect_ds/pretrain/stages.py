@@ -52,35 +52,46 @@ def build_vae(recipe: BaseRecipe, resolution_px: int):
     from diffusers import AutoencoderKL
 
     n = len(recipe.vae_channels)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         sample_size=resolution_px, in_channels=3, out_channels=3, latent_channels=recipe.vae_latent_channels,
         layers_per_block=1, block_out_channels=tuple(recipe.vae_channels), norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         scaling_factor=1.0)
+    with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels
+        vae.quant_conv.bias[recipe.vae_latent_channels:] = recipe.vae_logvar_init
+    return vae
 
 
-def add_strokes(images: torch.Tensor, rng: np.random.Generator, probability: float) -> torch.Tensor:
-    """Random thin lines and dots of random colours on some images (uint8 N,3,H,W).
+def add_strokes(images: torch.Tensor, rng: np.random.Generator, probability: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random thin lines and dots of random colours on some images (uint8 N,3,H,W); returns them and
+    where strokes were drawn (bool N,1,H,W).
 
     Generic detail, not the defect types: a codec trained on smooth good parts alone learns to blur
     1-px structure away, and then no defect could ever be drawn thin enough."""
     out = images.clone()
+    drawn = torch.zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.bool)
     size = images.shape[-1]
     for i in range(images.shape[0]):
         if rng.random() >= probability:
             continue
         canvas = Image.fromarray(out[i].permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(canvas)
+        where = Image.new("L", canvas.size, 0)
+        draws = ImageDraw.Draw(canvas), ImageDraw.Draw(where)
         for _ in range(int(rng.integers(1, 5))):
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             if rng.random() < 0.6:
                 points = [tuple(rng.uniform(0, size, 2)) for _ in range(int(rng.integers(2, 5)))]
-                draw.line(points, fill=colour, width=int(rng.integers(1, 3)))
+                width = int(rng.integers(1, 3))
+                for draw, fill in zip(draws, (colour, 255)):
+                    draw.line(points, fill=fill, width=width)
             else:
                 cx, cy, r = *rng.uniform(0, size, 2), rng.uniform(1, size / 10)
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+                for draw, fill in zip(draws, (colour, 255)):
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         out[i] = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
-    return out
+        drawn[i, 0] = torch.from_numpy(np.asarray(where) > 0)
+    return out, drawn
 
 
 def train_vae(images: torch.Tensor, recipe: BaseRecipe, state_path: Path,
@@ -99,10 +110,12 @@ def train_vae(images: torch.Tensor, recipe: BaseRecipe, state_path: Path,
         gen = step_generator(recipe.seed, VAE_STAGE, step)
         rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
         batch = images[torch.randint(len(images), (recipe.vae_batch_size,), generator=gen)]
-        batch = add_strokes(batch, rng, recipe.vae_stroke_probability)
+        batch, strokes = add_strokes(batch, rng, recipe.vae_stroke_probability)
         x = to_unit(batch)
+        # thin strokes are a few pixels of each image: weighted up, so the loss does not let them blur
+        weight = 1.0 + recipe.vae_stroke_weight * strokes.float()
         if rng.random() < 0.5:
-            x = x.flip(-1)
+            x, weight = x.flip(-1), weight.flip(-1)
         lr = recipe.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -112,7 +125,8 @@ def train_vae(images: torch.Tensor, recipe: BaseRecipe, state_path: Path,
             recon = vae.decode(z).sample
         recon = recon.float()
         kl = posterior.kl().float().mean()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + recipe.vae_kl_weight * kl
+        err = (recon - x).abs()
+        loss = ((err + err.square()) * weight).mean() / weight.mean() + recipe.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

@@ -98,6 +98,26 @@ def test_vae_stage_resumes_exactly(tmp_path):
 
 def test_strokes_touch_only_some_images():
     images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
-    out = stages.add_strokes(images, np.random.default_rng(0), 0.5)
+    out, drawn = stages.add_strokes(images, np.random.default_rng(0), 0.5)
     touched = (out != 0).flatten(1).any(1)
     assert 10 < touched.sum() < 54
+    assert torch.equal(drawn, (out != 0).any(1, keepdim=True))  # marked where, and only where, drawn
+
+
+def test_codec_starts_near_deterministic():
+    recipe = BaseRecipe(**{**TOY, "vae_logvar_init": -8.0})
+    torch.manual_seed(0)
+    vae = stages.build_vae(recipe, 16)
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1).latent_dist
+    # std exp(-4) = 0.018 at the start, not diffusers' ~1 that drowned thin strokes in sampling noise
+    assert 0.005 < posterior.std.median() < 0.06
+
+
+def test_recipe_refuses_latents_inpainting_cannot_take(tmp_path, data, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**TOY, "vae_latent_channels": 8}))
+    assert main(["pretrain-base", str(data), str(tmp_path / "out"), "--recipe", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "vae_latent_channels=8 must be 4" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
