@@ -62,13 +62,15 @@ def main() -> int:
             "judge_training_defects": len(real), "judge_training_goods": len(goods)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"recognisability-{date}.json").write_text(json.dumps({"info": info, "per_type": rows}, indent=2))
     settings_file = Path(args.generated) / "generation.json"
     gen = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    info["generation"] = {k: gen.get(k) for k in ("export", "export_step", "mask_source", "precision", "steps")}
+    info["generation"] = {k: gen.get(k) for k in ("export", "export_step", "mask_source", "precision", "steps",
+                                                  "guidance_scale")}
+    (out / f"recognisability-{date}.json").write_text(json.dumps({"info": info, "per_type": rows}, indent=2))
     lines = [f"# Recognisability of generated defects ({date})", "",
              f"Pairs: `{args.generated}` (export `{gen.get('export')}` at step {gen.get('export_step')}, "
-             f"`--masks {gen.get('mask_source')}`, {gen.get('steps')} sampling steps, {gen.get('precision')}).", "",
+             f"`--masks {gen.get('mask_source')}`, {gen.get('steps')} sampling steps, guidance "
+             f"{gen.get('guidance_scale')}, {gen.get('precision')}).", "",
              f"Judge: the downstream segmenter, {args.steps} steps on {len(real)} real defect images and "
              f"{len(goods)} good images of `{args.data}`. Found: the judge's maximum inside the mask >= 0.5. "
              f"Control: the same mask on the pair's source (good) image.", "",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -66,6 +68,25 @@ def parse_arms(text: str, generated: str | None) -> list[str]:
     return arms
 
 
+def generation_settings(generated: str | None) -> dict | None:
+    """What `defect-ds generate` recorded of the pairs (guidance, masks, export step), when it wrote them."""
+    from defect_ds.generate.output import SETTINGS_FILE
+
+    path = Path(generated or "") / SETTINGS_FILE
+    return json.loads(path.read_text()) if generated and path.is_file() else None
+
+
+def environment() -> dict:
+    """The machine and versions a result was measured with."""
+    import sklearn
+    import torch
+
+    from defect_ds.perf.sweep import cpu_name
+
+    return {"device": cpu_name(), "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "torch": torch.__version__, "scikit_learn": sklearn.__version__}
+
+
 def run_eval(args: argparse.Namespace) -> int:
     arms = parse_arms(args.arms, args.generated)
     split_dir, out, size = Path(args.split_dir), Path(args.out), args.resolution_px
@@ -97,6 +118,8 @@ def run_eval(args: argparse.Namespace) -> int:
                "train": {"shots": len(shots), "good_images": len(goods),
                          "generated_pairs": len(generated) if generated is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
+               "generation": generation_settings(args.generated),
+               "environment": environment(),
                "arms": {}}
     grid_rows = [i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
     grid_predictions = {}

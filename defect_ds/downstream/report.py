@@ -33,10 +33,27 @@ def _cell(stat: dict[str, float]) -> str:
     return "n/a" if math.isnan(stat["mean"]) else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def _provenance(results: dict) -> list[str]:
+    """Lines naming how the generated pairs were drawn and where this ran (older results have neither)."""
+    lines = []
+    gen = results.get("generation")
+    if gen:
+        keys = ("mode", "mask_source", "guidance_scale", "steps", "scheduler", "strength", "precision", "export_step",
+                "base_model")
+        lines += ["Generated pairs: " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen) + ".", ""]
+    env = results.get("environment")
+    if env:
+        lines += [f"Device: {env['device']}, {env['threads']} threads, load average "
+                  f"{'/'.join(f'{x:.2f}' for x in env['load_average'])} at the end; python {env['python']}, "
+                  f"torch {env['torch']}, scikit-learn {env['scikit_learn']}.", ""]
+    return lines
+
+
 def write_markdown(results: dict, path: Path) -> None:
     arms = results["arms"]
     lines = ["# Does it help? Segmenters trained per arm, scored on held-out real defects", "",
              f"Settings: {json.dumps(results['settings'], sort_keys=True)}", "",
+             *_provenance(results),
              f"Mean ± spread (std) over {results['settings']['seeds']} seeds; test set: "
              f"{results['test']['defect_images']} defect images, {results['test']['good_images']} good images.", "",
              "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]

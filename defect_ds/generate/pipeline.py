@@ -4,8 +4,8 @@
 
 Two modes. text2img: the prompt with the defect's learned token and a mask draw a whole new image;
 the mask gates the LoRA, so the fine-tuned defect appears there. inpaint: a defect is painted into
-a given good image; the latents outside the mask are held to the source's while denoising, and the
-decoded result is composited in pixel space (`mask * generated + (1 - mask) * source`), so every
+a given good image; the latents outside the mask's latent cells are held to the source's while
+denoising (`latent_cells`), and the decoded result is composited in pixel space (`mask * generated + (1 - mask) * source`), so every
 pixel outside the mask is the source's, bit for bit, and the mask is an exact label.
 """
 from __future__ import annotations
@@ -204,12 +204,26 @@ def generate_batch(pipe, specs: list[SampleSpec], settings: GenerationSettings, 
             out = pipe(**kwargs).images
         else:
             sources = [Image.fromarray(s.source) for s in specs]
-            mask_images = [Image.fromarray(s.mask * 255) for s in specs]
+            factor = inpaint_pipe.vae_scale_factor
+            mask_images = [Image.fromarray(latent_cells(s.mask, factor) * 255) for s in specs]
             out = inpaint_pipe(image=sources, mask_image=mask_images, strength=settings.strength, **kwargs).images
     raws = [(np.clip(np.asarray(o, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8) for o in out]
     if settings.mode == "text2img":
         return [(raw, raw) for raw in raws]
     return [(composite(raw, s.source, s.mask), raw) for raw, s in zip(raws, specs)]
+
+
+def latent_cells(mask: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 (R, R): every latent cell (factor x factor pixels) that the mask touches.
+
+    diffusers' inpainting pipeline shrinks its mask to the latent grid by nearest sampling, which keeps
+    one pixel of each cell: a 1-px scratch loses half its cells or all of them, and there the pipeline
+    holds the latents to the source's at every step, so nothing is drawn. Given these cells instead, it
+    frees every latent the defect touches; the pixel composite still uses the exact mask."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    cells = torch.nn.functional.max_pool2d(m, factor, ceil_mode=True)
+    full = torch.nn.functional.interpolate(cells, scale_factor=factor, mode="nearest")
+    return full[0, 0, :m.shape[-2], :m.shape[-1]].numpy().astype(np.uint8)
 
 
 def composite(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:

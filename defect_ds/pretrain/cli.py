@@ -112,7 +112,8 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
             pipe.to(torch.float16)
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    with quiet_libraries():  # a "Writing model shards" bar per component
+        pipe.save_pretrained(tmp, safe_serialization=True)
     for part in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / part.name
         if target.exists():

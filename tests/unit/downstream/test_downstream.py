@@ -3,6 +3,7 @@ scikit-learn's on the right pixels, and bad input gets one sentence."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,7 +125,20 @@ def test_eval_writes_every_report(split_dir, tmp_path):
     assert set(summary["all"]) == {"pixel_ap", "pixel_auroc", "pixel_f1_max", "iou", "image_auroc"}
     assert {"crack", "scratch", "spot"} <= set(summary) and len(results["arms"]["real"]["per_seed"]) == 2
     assert "won" in (out / "downstream.md").read_text()
+    assert results["environment"]["device"] and results["environment"]["torch"]
+    assert results["generation"] is None  # the test set is not a `defect-ds generate` folder
     assert (out / "downstream.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
+
+
+def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
+    gen = tmp_path / "gen"
+    shutil.copytree(split_dir / "test", gen)
+    (gen / "generation.json").write_text(json.dumps({"mode": "inpaint", "guidance_scale": 6.0, "export_step": 600}))
+    out = tmp_path / "eval"
+    assert main(["downstream", "eval", str(split_dir), str(out), "--arms", "generated", "--generated", str(gen),
+                 "--seeds", "1", "--steps", "1", "--batch-size", "4", "--resolution-px", "32", "--no-progress"]) == 0
+    assert json.loads((out / "downstream.json").read_text())["generation"]["guidance_scale"] == 6.0
+    assert "guidance_scale 6.0, export_step 600" in (out / "downstream.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [

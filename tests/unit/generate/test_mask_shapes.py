@@ -3,6 +3,7 @@ the object, exactly 0/1, seeded and recorded; a defect type without masks is nam
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from defect_ds.data.objects import object_region
@@ -76,3 +77,18 @@ def test_augmented_names_a_defect_type_without_masks():
         plan_samples({"scratch": "sks_scratch", "stain": "sks_stain"}, ["stain", "scratch"], 1,
                      GenerationSettings(mask_source="augmented"), mask_pool=pool, sources=[])
     assert "\n" not in str(e.value)
+
+
+def test_latent_cells_survive_the_inpainting_pipelines_mask_shrink():
+    import torch.nn.functional as F
+
+    from defect_ds.generate.pipeline import latent_cells
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[5, 2:14] = 1  # a 1-px scratch on an odd row
+    nearest = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(8, 8))  # what diffusers does
+    assert nearest.sum() == 0  # the scratch would vanish from the latent mask
+    cells = latent_cells(mask, 2)
+    shrunk = F.interpolate(torch.from_numpy(cells).float()[None, None], size=(8, 8))[0, 0]
+    assert torch.equal(shrunk, F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2)[0, 0])
+    assert cells[mask.astype(bool)].all() and cells.sum() == 2 * 2 * 6  # whole cells, no more
