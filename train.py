@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank reads the same files: one says it
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    from defect_ds.utils.quiet import quiet_cuda_probe
+
+    quiet_cuda_probe()  # before DeepSpeed imports torch's extension helper
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
     from defect_ds.train.checkpoint import CheckpointWriteError

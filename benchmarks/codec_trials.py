@@ -1,12 +1,13 @@
 """Short codec trials: which VAE recipe keeps 1-3 px defects, before spending an hour on a base.
 
     python benchmarks/codec_trials.py work/data/base --steps 300 --out benchmarks/results
+    python benchmarks/codec_trials.py work/data/base --steps 2400 --trials today    # one recipe, longer
 
 Trains the VAE stage of `defect-ds pretrain-base` for a few hundred steps under each trial's recipe
 changes, on the good images of DATA, then measures what benchmarks/base_model.py measures of a
 finished base: reconstruction PSNR per category and thin-defect survival per defect type (fresh
 synthetic images, seed 123). Also the spread of the latent means (what the scaling factor divides by)
-and the posterior's mean std (the noise the decoder learns to tolerate). Writes codec-trials-DATE.{md,json}.
+and the posterior's mean std (the noise the decoder learns to tolerate). Writes codec-trials-DATE-STEPS-steps.{md,json}.
 """
 from __future__ import annotations
 
@@ -28,13 +29,16 @@ from defect_ds.pretrain import stages
 from defect_ds.pretrain.cli import load_good
 from defect_ds.pretrain.recipe import BaseRecipe
 
-# name -> recipe changes; "no stroke weight, logvar 0" is the codec the first shipped base used
+# id -> (what the trial is, its recipe changes); "first" is the codec the first shipped base used
 TRIALS = {
-    "first base's codec (no stroke weight, logvar from 0)": {"vae_stroke_weight": 0.0, "vae_logvar_init": 0.0},
-    "logvar from -8": {"vae_stroke_weight": 0.0},
-    "logvar from -8, stroke weight 10 (today's recipe)": {},
-    "the same, 8 latent channels": {"vae_latent_channels": 8},
+    "first": ("first base's codec (no stroke weight, logvar from 0)", {"vae_stroke_weight": 0.0, "vae_logvar_init": 0.0}),
+    "logvar": ("logvar from -8", {"vae_stroke_weight": 0.0}),
+    "today": ("logvar from -8, stroke weight 10 (today's recipe)", {}),
+    "8ch": ("the same, 8 latent channels", {"vae_latent_channels": 8}),
+    "stroke30": ("logvar from -8, stroke weight 30", {"vae_stroke_weight": 30.0}),
+    "wide": ("today's recipe, channels 64, 128", {"vae_channels": (64, 128)}),
 }
+DEFAULT_TRIALS = "first,logvar,today,8ch"
 
 
 def run_trial(images: torch.Tensor, changes: dict, steps: int, per_type: int) -> dict:
@@ -53,11 +57,16 @@ def main() -> int:
     p.add_argument("data", help="shards made by `defect-ds prepare` (the base's data); only good images are used")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--per-type", type=int, default=12, help="images per category and defect type")
+    p.add_argument("--trials", default=DEFAULT_TRIALS, help=f"comma-separated, of: {', '.join(TRIALS)}")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    chosen = [t.strip() for t in args.trials.split(",") if t.strip()]
+    if unknown := [t for t in chosen if t not in TRIALS]:
+        raise SystemExit(f"Unknown trial(s) {', '.join(unknown)}; choose from {', '.join(TRIALS)}.")
     images, _, _ = load_good(args.data, "train", None)
     results = {}
-    for name, changes in TRIALS.items():
+    for trial in chosen:
+        name, changes = TRIALS[trial]
         results[name] = run_trial(images, changes, args.steps, args.per_type)
         print(name, json.dumps(results[name]["survival"]), flush=True)
     date = datetime.date.today().isoformat()
@@ -66,7 +75,7 @@ def main() -> int:
             "data": args.data, "images": len(images), "steps": args.steps, "per_type": args.per_type}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"codec-trials-{date}.json").write_text(json.dumps({"info": info, "trials": results}, indent=2))
+    (out / f"codec-trials-{date}-{args.steps}-steps.json").write_text(json.dumps({"info": info, "trials": results}, indent=2))
     lines = [f"# Codec trials: {args.steps} VAE steps per recipe ({date})", "",
              f"Device: {info['device']}, {info['threads']} threads, load average {info['load_average'][0]:.2f}; "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}. {len(images)} good images of "
@@ -82,7 +91,7 @@ def main() -> int:
                      + " | ".join(kept) + " |")
     lines += ["", "Per type: the share of defects that survive (keep at least half their contrast inside the "
               "mask), and in brackets the mean contrast kept."]
-    (out / f"codec-trials-{date}.md").write_text("\n".join(lines) + "\n")
+    (out / f"codec-trials-{date}-{args.steps}-steps.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -17,7 +17,8 @@ class BaseRecipe:
     # VAE: f2 (one downsampling), so a 64 px image has a 32x32x4 latent (3x compression); an f4 codec of
     # this size (16x16x4, 12x) erased every 1-px scratch (benchmarks/results/base-model-*.md). Four latent
     # channels because diffusers' inpainting pipeline takes no other count (8 kept more thin strokes in a
-    # trial, docs/base_model.md). Trained as a generic codec (see stages.add_strokes).
+    # 300-step trial: benchmarks/results/codec-trials-2026-11-29-300-steps.md). Trained as a generic
+    # codec (see stages.add_strokes).
     vae_channels: tuple[int, ...] = (32, 64)
     vae_latent_channels: int = 4
     vae_steps: int = 1200

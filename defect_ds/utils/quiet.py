@@ -37,3 +37,12 @@ def quiet_libraries() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
         if bars[1]:
             transformers_logging.enable_progress_bar()
+
+
+def quiet_cuda_probe() -> None:
+    """torch's C++ extension helper, which DeepSpeed imports, warns at import time on a machine with a
+    CUDA toolkit and no GPU that it found no CUDA runtime: true of every CPU run there, nothing to act on.
+    Other messages of that module still print."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
