@@ -4,7 +4,7 @@
 #               shots under DeepSpeed from the shipped base (models/tiny-defect-base), defects inpainted
 #               into good images, and the downstream benchmark with all four arms
 #   make test   the test suite (fast unit tests and CPU integration runs)
-#   make base   re-trains models/tiny-defect-base from scratch (about an hour on 2 CPU cores)
+#   make base   re-trains models/tiny-defect-base from scratch (30-45 minutes on 2 CPU cores)
 # Re-running either installs nothing again unless setup.cfg changed.
 
 PYTHON ?= python3
