@@ -119,7 +119,6 @@ def run_eval(args: argparse.Namespace) -> int:
                          "generated_pairs": len(generated) if generated is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
                "generation": generation_settings(args.generated),
-               "environment": environment(),
                "arms": {}}
     grid_rows = [i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
     grid_predictions = {}
@@ -140,6 +139,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 if seed == 0:
                     grid_predictions[arm] = probs[grid_rows]
             results["arms"][arm] = {"summary": report.summarise(per_seed), "per_seed": per_seed}
+    results["environment"] = environment()  # the load average after the work it describes
     (out / "downstream.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     report.write_markdown(results, out / "downstream.md")
     report.write_bar_plot(results, out / "downstream.png")

@@ -42,7 +42,7 @@ def quiet_libraries() -> Iterator[None]:
 def quiet_cuda_probe() -> None:
     """torch's C++ extension helper, which DeepSpeed imports, warns at import time on a machine with a
     CUDA toolkit and no GPU that it found no CUDA runtime: true of every CPU run there, nothing to act on.
-    Other messages of that module still print."""
+    That module's errors still print."""
     import logging
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
