@@ -46,7 +46,7 @@ $(WORK)/downstream/shots-latents/manifest.json: $(WORK)/downstream/split.json | 
 # --log_level error: the launcher's info lines and its "no hostfile" notice (one machine: nothing to act on)
 # stay off; a rank that fails is still reported.
 # guidance 6: with 3, one of two segmenter seeds of the real+generated arm collapsed (pixel AP 0.23);
-# with 6 both held (docs/downstream.md, Recognisability)
+# with 6 and every latent cell a mask touches, both held (docs/downstream.md, Recognisability)
 demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/manifest.json
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --log_level error --num_gpus $(NUM_PROCS) train.py --config configs/default.toml \
 	  --checkpoint.resume=latest

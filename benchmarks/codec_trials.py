@@ -7,7 +7,7 @@ Trains the VAE stage of `defect-ds pretrain-base` for a few hundred steps under 
 changes, on the good images of DATA, then measures what benchmarks/base_model.py measures of a
 finished base: reconstruction PSNR per category and thin-defect survival per defect type (fresh
 synthetic images, seed 123). Also the spread of the latent means (what the scaling factor divides by)
-and the posterior's mean std (the noise the decoder learns to tolerate). Writes codec-trials-DATE-STEPS-steps.{md,json}.
+and the posterior's mean std (the noise the decoder learns to tolerate). Writes codec-trials-DATE-STEPS-steps[-TRIALS].{md,json} (the trial ids when not the default set).
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def main() -> int:
             "data": args.data, "images": len(images), "steps": args.steps, "per_type": args.per_type}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"codec-trials-{date}-{args.steps}-steps.json").write_text(json.dumps({"info": info, "trials": results}, indent=2))
+    name = f"codec-trials-{date}-{args.steps}-steps" + ("" if args.trials == DEFAULT_TRIALS else "-" + "-".join(chosen))
+    (out / f"{name}.json").write_text(json.dumps({"info": info, "trials": results}, indent=2))
     lines = [f"# Codec trials: {args.steps} VAE steps per recipe ({date})", "",
              f"Device: {info['device']}, {info['threads']} threads, load average {info['load_average'][0]:.2f}; "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}. {len(images)} good images of "
@@ -91,7 +92,7 @@ def main() -> int:
                      + " | ".join(kept) + " |")
     lines += ["", "Per type: the share of defects that survive (keep at least half their contrast inside the "
               "mask), and in brackets the mean contrast kept."]
-    (out / f"codec-trials-{date}-{args.steps}-steps.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
