@@ -53,7 +53,7 @@ demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/ma
 	$(BIN)/defect-ds generate $(WORK)/generated --run $(RUN) --mode inpaint --sources $(WORK)/downstream/shots \
 	  --masks augmented --data $(WORK)/downstream/shots --num-per-type 24 --steps 20 --guidance-scale 6
 	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream --arms real,copy-paste,generated,real+generated \
-	  --generated $(WORK)/generated --seeds 2 --width 8
+	  --generated $(WORK)/generated --seeds 4 --width 8
 	@echo "run: $(RUN)   generated pairs: $(WORK)/generated (grid.png)   does it help: $(RUN)/downstream/downstream.md"
 
 $(WORK)/data/base/manifest.json: | $(STAMP)
