@@ -21,7 +21,7 @@ import torch
 
 from defect_ds.perf.sweep import cpu_name
 from defect_ds.downstream.arms import ArmSampler
-from defect_ds.downstream.cli import load_pairs
+from defect_ds.downstream.cli import generation_settings, load_pairs
 from defect_ds.downstream.segmenter import predict, train_segmenter
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 
@@ -62,8 +62,7 @@ def main() -> int:
             "judge_training_defects": len(real), "judge_training_goods": len(goods)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = Path(args.generated) / "generation.json"
-    gen = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    gen = generation_settings(args.generated) or {}
     info["generation"] = {k: gen.get(k) for k in ("export", "export_step", "mask_source", "precision", "steps",
                                                   "guidance_scale")}
     (out / f"recognisability-{date}.json").write_text(json.dumps({"info": info, "per_type": rows}, indent=2))

@@ -73,7 +73,13 @@ def generation_settings(generated: str | None) -> dict | None:
     from defect_ds.generate.output import SETTINGS_FILE
 
     path = Path(generated or "") / SETTINGS_FILE
-    return json.loads(path.read_text()) if generated and path.is_file() else None
+    if not generated or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); restore it or point --generated at the shards "
+                         "folder inside.") from None
 
 
 def environment() -> dict:
@@ -103,6 +109,7 @@ def run_eval(args: argparse.Namespace) -> int:
                          "need real defects with masks.")
     if not len(shots) or not len(goods):
         raise ValueError(f"{split_dir / 'shots'} needs defect shots with masks and good images; re-run the split.")
+    generation = generation_settings(args.generated)  # before anything is written
     generated = None
     if args.generated:
         generated = load_pairs(args.generated, size, defects=True)
@@ -118,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
                "train": {"shots": len(shots), "good_images": len(goods),
                          "generated_pairs": len(generated) if generated is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
-               "generation": generation_settings(args.generated),
+               "generation": generation,
                "arms": {}}
     grid_rows = [i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
     grid_predictions = {}

@@ -141,6 +141,18 @@ def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
     assert "guidance_scale 6.0, export_step 600" in (out / "downstream.md").read_text()
 
 
+def test_eval_refuses_an_unreadable_generation_record(split_dir, tmp_path, capsys):
+    gen = tmp_path / "gen"
+    shutil.copytree(split_dir / "test", gen)
+    (gen / "generation.json").write_text("{not json")
+    out = tmp_path / "eval"
+    assert main(["downstream", "eval", str(split_dir), str(out), "--arms", "generated", "--generated", str(gen),
+                 "--seeds", "1", "--steps", "1", "--resolution-px", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "generation.json is not readable JSON" in err and "\n" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--arms", "real,magic"], "Unknown arm"),
     (["--arms", "generated"], "need --generated"),
