@@ -34,10 +34,10 @@ $(WORK)/tiny-sd/model_index.json: | $(STAMP)
 	$(BIN)/defect-ds make-tiny-model $(WORK)/tiny-sd
 
 $(WORK)/data/synthetic/manifest.json: | $(STAMP)
-	$(BIN)/defect-ds prepare synthetic $(WORK)/data/synthetic --resolution-px 64
+	$(BIN)/defect-ds prepare synthetic $(WORK)/data/synthetic --resolution-px 64 --per-defect 38 --good-per-category 70
 
 $(WORK)/downstream/split.json: $(WORK)/data/synthetic/manifest.json | $(STAMP)
-	$(BIN)/defect-ds downstream split $(WORK)/data/synthetic $(WORK)/downstream --overwrite
+	$(BIN)/defect-ds downstream split $(WORK)/data/synthetic $(WORK)/downstream --shots 12 --overwrite
 
 $(WORK)/downstream/shots-latents/manifest.json: $(WORK)/downstream/split.json | $(STAMP)
 	$(BIN)/defect-ds prepare latents $(WORK)/downstream/shots $(WORK)/downstream/shots-latents --pretrained $(BASE) \

@@ -2,21 +2,20 @@
 
     python -c "from defect_ds.downstream.arms import ARMS; print(ARMS)"
 
-Every arm's defect samples go through the same flips and small affine jitter, so the arms differ
-only in where their defects come from.
+Every arm's samples go through the same flips and small affine jitter (the segmenter applies it to the
+whole batch, `segmenter.jitter_batch`), so the arms differ only in where their defects come from. The
+mixed arms (`real+generated`, `copy-paste+generated`) draw each defect sample from either source with
+probability one half.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from defect_ds.data.objects import object_region
 
-ARMS = ("real", "copy-paste", "generated", "real+generated")
+ARMS = ("real", "copy-paste", "generated", "real+generated", "copy-paste+generated")
 
 
 @dataclass
@@ -28,26 +27,6 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def jitter(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, a rotation of up to 10 degrees, a shift of up to 6% and a scale of 0.9-1.1, image and mask alike."""
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if rng.random() < 0.5:
-        image, mask = image[::-1], mask[::-1]
-    size = image.shape[0]
-    angle, scale = float(rng.uniform(-10, 10)), float(rng.uniform(0.9, 1.1))
-    shift = [int(v) for v in rng.integers(-round(0.06 * size), round(0.06 * size) + 1, 2)]
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    msk = torch.from_numpy(np.ascontiguousarray(mask))[None]
-    # the border is filled with the image's edge colour, not black, so no false edge appears
-    fill = [float(v) for v in np.median(np.concatenate([image[0], image[-1]]), axis=0)]
-    img = TF.affine(img, angle=angle, translate=shift, scale=scale, shear=[0.0],
-                    interpolation=InterpolationMode.BILINEAR, fill=fill)
-    msk = TF.affine(msk, angle=angle, translate=shift, scale=scale, shear=[0.0],
-                    interpolation=InterpolationMode.NEAREST, fill=0.0)
-    return img.permute(1, 2, 0).numpy(), msk[0].numpy()
 
 
 def paste(shot: np.ndarray, shot_mask: np.ndarray, good: np.ndarray, region: np.ndarray,
@@ -78,32 +57,34 @@ def paste(shot: np.ndarray, shot_mask: np.ndarray, good: np.ndarray, region: np.
 
 
 class ArmSampler:
-    """defect_batch(rng, n) for one arm: jittered (image, mask) pairs drawn from that arm's source."""
+    """defect_batch(rng, n) for one arm: (image, mask) pairs drawn from that arm's source, un-jittered."""
 
     def __init__(self, arm: str, shots: Pairs, goods: np.ndarray, generated: Pairs | None):
+        if arm not in ARMS:
+            raise ValueError(f"Unknown arm {arm!r}; use one of {', '.join(ARMS)}.")
+        if "generated" in arm and (generated is None or not len(generated)):
+            raise ValueError(f"The arm {arm} needs generated pairs.")
         self.arm, self.shots, self.goods, self.generated = arm, shots, goods, generated
-        if arm == "copy-paste":
+        if "copy-paste" in arm:
             self.regions = [object_region(g) for g in goods]
             self.pastable = [i for i in range(len(shots)) if shots.masks[i].any()]
 
     def _one(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         arm = self.arm
-        if arm == "real+generated":
-            arm = "real" if rng.random() < 0.5 else "generated"
+        if "+" in arm:
+            arm = arm.split("+")[int(rng.random() < 0.5)]
         if arm == "real":
             i = int(rng.integers(len(self.shots)))
-            return jitter(self.shots.images[i], self.shots.masks[i], rng)
+            return self.shots.images[i], self.shots.masks[i]
         if arm == "generated":
             i = int(rng.integers(len(self.generated)))
-            return jitter(self.generated.images[i], self.generated.masks[i], rng)
+            return self.generated.images[i], self.generated.masks[i]
         i, j = int(rng.choice(self.pastable)), int(rng.integers(len(self.goods)))
-        image, mask = paste(self.shots.images[i], self.shots.masks[i], self.goods[j], self.regions[j], rng)
-        return jitter(image, mask, rng)
+        return paste(self.shots.images[i], self.shots.masks[i], self.goods[j], self.regions[j], rng)
 
     def defect_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._one(rng) for _ in range(n)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def good_batch(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        empty = np.zeros(self.goods.shape[1:3], np.uint8)
-        return np.stack([jitter(self.goods[int(rng.integers(len(self.goods)))], empty, rng)[0] for _ in range(n)])
+        return self.goods[rng.integers(len(self.goods), size=n)]

@@ -16,17 +16,43 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
+import io
 
-from defect_ds.data.sample import GOOD
+import numpy as np
+from PIL import Image
+
+from defect_ds.data.sample import DEFAULT_MAX_IMAGE_PIXELS, GOOD
 from defect_ds.downstream import report
-from defect_ds.downstream.arms import ARMS, ArmSampler, Pairs
-from defect_ds.downstream.scores import score_by_type
-from defect_ds.downstream.segmenter import predict, train_segmenter
+from defect_ds.downstream.arms import ARMS, Pairs
+from defect_ds.downstream.compare import compare
+from defect_ds.downstream.runner import ArmData, Outcome, SegmenterSettings, default_workers, run_jobs
 from defect_ds.downstream.split import SPLIT_FILE, split_dataset
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 
 GRID_PER_TYPE = 2
+# the segmenter's defaults, chosen by benchmarks/segmenter.py on the shots' side only (docs/downstream.md)
+STEPS = 400
+WIDTH = 16
+
+
+def _decoded(data: bytes, where: str, what: str) -> Image.Image:
+    """The image, once its header shows it within the pixel limit (a small PNG can decode to gigabytes)."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > DEFAULT_MAX_IMAGE_PIXELS:
+        raise ValueError(f"The {what} of {where} is {image.width}x{image.height} pixels, over the limit of "
+                         f"{DEFAULT_MAX_IMAGE_PIXELS}; remove it or resize it.")
+    return image
+
+
+def _read(item: dict) -> tuple[Image.Image, Image.Image | None]:
+    image = _decoded(item["image"], item["where"], "image")
+    if item["mask"] is None:
+        return image, None
+    mask = _decoded(item["mask"], item.get("mask_where") or item["where"], "mask")
+    if mask.size != image.size:
+        raise ValueError(f"The mask of {item['key']} ({item['where']}) is {mask.width}x{mask.height} but its image "
+                         f"is {image.width}x{image.height}; a mask must match its image pixel for pixel.")
+    return image, mask
 
 
 def load_pairs(path: str | Path, size: int, *, defects: bool) -> Pairs:
@@ -36,10 +62,11 @@ def load_pairs(path: str | Path, size: int, *, defects: bool) -> Pairs:
         defect_type = item["meta"].get("defect_type", "unknown")
         if (defect_type != GOOD) != defects:
             continue
-        mask = load_mask(item["mask"], size) if item["mask"] is not None else np.zeros((size, size), np.uint8)
+        image, mask_image = _read(item)
+        mask = load_mask(mask_image, size) if mask_image is not None else np.zeros((size, size), np.uint8)
         if defects and not mask.any():
             continue
-        images.append(load_rgb(item["image"], size))
+        images.append(load_rgb(image, size))
         masks.append(mask)
         types.append(defect_type)
         keys.append(item["key"])
@@ -51,11 +78,41 @@ def load_pairs(path: str | Path, size: int, *, defects: bool) -> Pairs:
 def load_test(path: Path, size: int) -> Pairs:
     images, masks, types, keys = [], [], [], []
     for item in iter_dataset(path):
-        images.append(load_rgb(item["image"], size))
-        masks.append(load_mask(item["mask"], size))
+        image, mask_image = _read(item)
+        images.append(load_rgb(image, size))
+        masks.append(load_mask(mask_image, size) if mask_image is not None else np.zeros((size, size), np.uint8))
         types.append(item["meta"].get("defect_type", "unknown"))
         keys.append(item["key"])
     return Pairs(np.stack(images), np.stack(masks), types, keys)
+
+
+def check_counts(split_dir: Path, side: str, keys: list[str]) -> None:
+    """What was read is what the split wrote: a shard cut short must not shrink a side silently."""
+    record = json.loads((split_dir / SPLIT_FILE).read_text())
+    expected = {k for ks in record[side].values() for k in ks}
+    missing = expected - set(keys)
+    if missing or len(keys) != len(expected):
+        raise ValueError(f"{split_dir / side} holds {len(keys)} samples where {SPLIT_FILE} lists {len(expected)} "
+                         f"({len(missing)} missing, e.g. {sorted(missing)[:1]}); a shard is damaged: re-run "
+                         "`defect-ds downstream split`.")
+
+
+def check_provenance(generated: Pairs, sources: dict[str, str], split_dir: Path) -> None:
+    """Generated pairs must come from the split's training side: none drawn into a test image."""
+    record = json.loads((split_dir / SPLIT_FILE).read_text())
+    test_keys = {k for ks in record["test"].values() for k in ks}
+    leaked = [(key, sources[key]) for key in generated.keys
+              if sources.get(key) and sources[key].rsplit(":", 1)[-1] in test_keys]
+    if leaked:
+        raise ValueError(f"{len(leaked)} generated pair(s) were drawn into test images of {split_dir} (e.g. "
+                         f"{leaked[0][0]} from {leaked[0][1]}); generate from this split's shots "
+                         "(--sources SPLIT/shots) so no test image is seen in training.")
+
+
+def generated_sources(path: str | Path) -> dict[str, str]:
+    """key -> the source image each generated pair was inpainted into ("" for text-to-image)."""
+    return {item["key"]: str((item["meta"].get("generation") or {}).get("source_image") or "")
+            for item in iter_dataset(path)}
 
 
 def parse_arms(text: str, generated: str | None) -> list[str]:
@@ -63,9 +120,22 @@ def parse_arms(text: str, generated: str | None) -> list[str]:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise ValueError(f"Unknown arm(s) {', '.join(unknown) or '(none given)'} in --arms; use some of {', '.join(ARMS)}.")
+    twice = sorted({a for a in arms if arms.count(a) > 1})
+    if twice:
+        raise ValueError(f"--arms names {', '.join(twice)} more than once; name each arm once.")
     if any("generated" in a for a in arms) and not generated:
-        raise ValueError("The arms generated and real+generated need --generated GEN_DIR (what `defect-ds generate` wrote).")
+        raise ValueError("The arms with generated pairs need --generated GEN_DIR (what `defect-ds generate` wrote).")
     return arms
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for flag, value, least in (("--seeds", args.seeds, 2), ("--steps", args.steps, 1),
+                               ("--batch-size", args.batch_size, 2), ("--resolution-px", args.resolution_px, 8),
+                               ("--width", args.width, 4), ("--resamples", args.resamples, 100),
+                               ("--workers", args.workers, 1)):
+        if value < least:
+            raise ValueError(f"{flag} {value} is too small; use {least} or more"
+                             + (" (a paired interval needs at least 2 seeds)." if flag == "--seeds" else "."))
 
 
 def generation_settings(generated: str | None) -> dict | None:
@@ -95,6 +165,7 @@ def environment() -> dict:
 
 def run_eval(args: argparse.Namespace) -> int:
     arms = parse_arms(args.arms, args.generated)
+    check_numbers(args)
     split_dir, out, size = Path(args.split_dir), Path(args.out), args.resolution_px
     if not (split_dir / SPLIT_FILE).is_file():
         raise FileNotFoundError(f"{split_dir} has no {SPLIT_FILE}; make it with `defect-ds downstream split DATA {split_dir}`.")
@@ -102,7 +173,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution-px {size} must be a multiple of 8 (the segmenter halves it three times).")
     shots = load_pairs(split_dir / "shots", size, defects=True)
     goods = load_pairs(split_dir / "shots", size, defects=False).images
+    check_counts(split_dir, "shots", [item["key"] for item in iter_dataset(split_dir / "shots")])
     test = load_test(split_dir / "test", size)
+    check_counts(split_dir, "test", test.keys)
     test_defect = np.array([t != GOOD for t in test.types])
     if not test.masks[test_defect].any():
         raise ValueError(f"The test set in {split_dir / 'test'} has no defect pixel in any mask; the pixel scores "
@@ -116,46 +189,53 @@ def run_eval(args: argparse.Namespace) -> int:
         if not len(generated):
             raise ValueError(f"{args.generated} holds no image+mask pair with a defect; point --generated at "
                              "what `defect-ds generate` wrote.")
+        check_provenance(generated, generated_sources(args.generated), split_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {"arms": arms, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
                             "resolution_px": size, "split_dir": str(split_dir), "generated": args.generated,
-                            "segmenter": f"DRAEM-style discriminative U-Net (width {args.width}), {args.loss} loss, good images 50/50"},
+                            "width": args.width, "resamples": args.resamples,
+                            "segmenter": f"DRAEM-style discriminative U-Net (width {args.width}, GroupNorm), "
+                                         f"{args.loss} loss, AdamW with warm-up and clipping, good images 50/50"},
                "train": {"shots": len(shots), "good_images": len(goods),
                          "generated_pairs": len(generated) if generated is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
                "generation": generation,
                "arms": {}}
     grid_rows = [i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
-    grid_predictions = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=args.no_progress, transient=False) as progress:
-        task = progress.add_task("downstream", total=len(arms) * args.seeds * args.steps)
-        for arm in arms:
-            sampler = ArmSampler(arm, shots, goods, generated)
-            per_seed = []
-            for seed in range(args.seeds):
-                progress.update(task, description=f"{arm} seed {seed}")
-                net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=args.steps,
-                                      batch_size=args.batch_size, seed=seed, width=args.width,
-                                      loss=args.loss,
-                                      on_step=lambda _: progress.advance(task))
-                probs = predict(net, test.images)
-                per_seed.append(score_by_type(probs, test.masks, test.types))
-                if seed == 0:
-                    grid_predictions[arm] = probs[grid_rows]
-            results["arms"][arm] = {"summary": report.summarise(per_seed), "per_seed": per_seed}
+    grid_predictions: dict[str, np.ndarray] = {}
+    per_seed: dict[str, list] = {arm: [None] * args.seeds for arm in arms}
+    evidence_by_arm: dict[str, list] = {arm: [None] * args.seeds for arm in arms}
+    data = ArmData(shots, goods, {arm: generated for arm in arms if "generated" in arm}, test)
+    settings = SegmenterSettings(args.steps, args.batch_size, args.width, args.loss)
+    jobs = [(arm, seed) for seed in range(args.seeds) for arm in arms]
+    with Progress(TextColumn("[bold]downstream"), BarColumn(), MofNCompleteColumn(), TextColumn("segmenters"),
+                  TimeRemainingColumn(), disable=args.no_progress, transient=False) as progress:
+        task = progress.add_task("downstream", total=len(jobs))
+
+        def done(outcome: Outcome) -> None:
+            per_seed[outcome.arm][outcome.seed] = outcome.scores
+            evidence_by_arm[outcome.arm][outcome.seed] = outcome.evidence
+            if outcome.grid is not None:
+                grid_predictions[outcome.arm] = outcome.grid
+            progress.advance(task)
+
+        run_jobs(jobs, data, settings, workers=args.workers, grid_rows=grid_rows, on_done=done)
+    for arm in arms:
+        results["arms"][arm] = {"summary": report.summarise(per_seed[arm]), "per_seed": per_seed[arm]}
+    grid_predictions = {arm: grid_predictions[arm] for arm in arms}
+    results["comparisons"] = compare(evidence_by_arm, test.types, resamples=args.resamples)
     results["environment"] = environment()  # the load average after the work it describes
     (out / "downstream.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     report.write_markdown(results, out / "downstream.md")
     report.write_bar_plot(results, out / "downstream.png")
     report.write_prediction_grid(test.images[grid_rows], test.masks[grid_rows], grid_predictions,
                                  out / "predictions.png")
-    best = report.winner(results)
     print(f"downstream: pixel AP by arm: " + ", ".join(
         f"{a} {r['summary']['all']['pixel_ap']['mean']:.3f}" for a, r in results["arms"].items())
-        + f"; {best} won. Wrote {out}/downstream.{{json,md,png}} and predictions.png", file=sys.stderr)
+        + ". " + report.verdict_sentence(results) + f" Wrote {out}/downstream.{{json,md,png}} and predictions.png",
+        file=sys.stderr)
     return 0
 
 
@@ -186,11 +266,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("out", help="writes downstream.json, downstream.md, downstream.png, predictions.png")
     e.add_argument("--arms", default="real,copy-paste", help=f"comma-separated, of {', '.join(ARMS)}")
     e.add_argument("--generated", help="a `defect-ds generate` output folder (needed by the generated arms)")
-    e.add_argument("--seeds", type=int, default=3)
-    e.add_argument("--steps", type=int, default=500, help="segmenter training steps per arm and seed")
+    e.add_argument("--seeds", type=int, default=8, help="segmenter seeds per arm (the same seeds for every arm)")
+    e.add_argument("--steps", type=int, default=STEPS, help="segmenter training steps per arm and seed")
     e.add_argument("--batch-size", type=int, default=16, help="half defect samples, half good images")
     e.add_argument("--resolution-px", type=int, default=64)
     e.add_argument("--loss", choices=("bce-dice", "focal"), default="bce-dice")
-    e.add_argument("--width", type=int, default=16, help="channels of the segmenter's first level (x2 per level)")
+    e.add_argument("--width", type=int, default=WIDTH, help="channels of the segmenter's first level (x2 per level)")
+    e.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the paired intervals")
+    e.add_argument("--workers", type=int, default=default_workers(),
+                   help="segmenters trained at once, one thread each (default: 2 on machines with 2+ cores)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_eval)

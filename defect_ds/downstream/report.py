@@ -25,8 +25,37 @@ def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
     return out
 
 
-def winner(results: dict, metric: str = "pixel_ap") -> str:
-    return max(results["arms"], key=lambda a: results["arms"][a]["summary"]["all"][metric]["mean"])
+def _interval(c: dict) -> str:
+    return f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+
+
+def verdict_sentence(results: dict, metric: str = "pixel_ap") -> str:
+    """One line of verdicts on `metric` over all test images: each arm against each baseline."""
+    rows = [c for c in results.get("comparisons", []) if c["metric"] == metric and c["type"] == "all"]
+    if not rows:
+        return "No paired comparison (one arm)."
+    return f"Paired {metric} differences, 95% interval: " + "; ".join(
+        f"{c['arm']} vs {c['baseline']} {_interval(c)} {c['verdict']}" for c in rows) + "."
+
+
+def comparison_table(comparisons: list[dict], metric: str) -> list[str]:
+    """Markdown rows: arm against baseline, the difference and its interval per type."""
+    rows = [c for c in comparisons if c["metric"] == metric]
+    types = list(dict.fromkeys(c["type"] for c in rows))
+    pairs = list(dict.fromkeys((c["baseline"], c["arm"]) for c in rows))
+    by = {(c["baseline"], c["arm"], c["type"]): c for c in rows}
+    lines = ["| arm | against | " + " | ".join(types) + " |", "|---|---" + "|---" * len(types) + "|"]
+    for baseline, arm in pairs:
+        cells = []
+        for t in types:
+            c = by.get((baseline, arm, t))
+            cells.append("n/a" if c is None else f"{_interval(c)} **{c['verdict']}**" if c["verdict"] != NO_DIFF
+                         else f"{_interval(c)} {c['verdict']}")
+        lines.append(f"| {arm} | {baseline} | " + " | ".join(cells) + " |")
+    return lines
+
+
+NO_DIFF = "no detectable difference"
 
 
 def _cell(stat: dict[str, float]) -> str:
@@ -59,12 +88,11 @@ def write_markdown(results: dict, path: Path) -> None:
              "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for arm, record in arms.items():
         lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"]["all"][m]) for m in METRICS) + " |")
-    best = winner(results)
-    lines += ["", f"By pixel AP, the `{best}` arm won."]
-    if "real" in arms and "real+generated" in arms:
-        gain = (arms["real+generated"]["summary"]["all"]["pixel_ap"]["mean"]
-                - arms["real"]["summary"]["all"]["pixel_ap"]["mean"])
-        lines.append(f"Adding generated pairs to the real shots changed pixel AP by {gain:+.3f}.")
+    comparisons = results.get("comparisons", [])
+    for metric in dict.fromkeys(c["metric"] for c in comparisons):
+        lines += ["", f"## Paired differences in {metric} (arm minus baseline, 95% bootstrap interval over test "
+                  "images and seeds)", "", *comparison_table(comparisons, metric)]
+    lines += ["", verdict_sentence(results)]
     types = [g for g in next(iter(arms.values()))["summary"] if g != "all"]
     for t in types:
         lines += ["", f"## {t} (its test images plus every good test image)", "",

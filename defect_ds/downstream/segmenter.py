@@ -4,10 +4,14 @@
 
 Every arm trains the same net for the same steps from the same initial weights per seed; only the
 defect samples it sees differ. Half of every batch is good images with empty masks, as the
-published evaluations mix them.
+published evaluations mix them. What keeps a seed from collapsing (docs/downstream.md, The segmenter):
+GroupNorm instead of BatchNorm (no statistics of a 16-image batch that differ between training and
+test), a linear warm-up, gradient clipping and AdamW. Augmentation runs on the whole batch at once as
+one affine resampling (flips, rotation, shift, scale), not per sample in Python.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -16,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+GROUPS = 4  # GroupNorm groups: every level's width (a multiple of 4) divides into them
+
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(GROUPS, c_out), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(GROUPS, c_out), nn.ReLU(inplace=True))
 
 
 class SegmentationUNet(nn.Module):
@@ -27,6 +33,8 @@ class SegmentationUNet(nn.Module):
 
     def __init__(self, width: int = 16):
         super().__init__()
+        if width < GROUPS or width % GROUPS:
+            raise ValueError(f"Segmenter width {width} must be a positive multiple of {GROUPS}.")
         w = [width, 2 * width, 4 * width, 8 * width]
         self.down = nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
         self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(3)])
@@ -53,16 +61,47 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bc
     return F.binary_cross_entropy_with_logits(logits, masks) + dice
 
 
+def jitter_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: flips, a rotation of up to 10 degrees, a shift of up to 6% and a scale of 0.9-1.1, image
+    and mask alike, as one affine resampling of the batch. images float (N, 3, H, W), masks float (N, 1, H, W)
+    0/1; the border repeats the image's edge (no false edge) and the mask stays exactly 0/1 (nearest)."""
+    n = len(images)
+    flip = torch.from_numpy(np.where(rng.random((n, 2)) < 0.5, -1.0, 1.0)).float()
+    angle = torch.from_numpy(np.deg2rad(rng.uniform(-10, 10, n))).float()
+    scale = torch.from_numpy(rng.uniform(0.9, 1.1, n)).float()
+    shift = torch.from_numpy(rng.uniform(-0.12, 0.12, (n, 2))).float()  # 6% of the side, in [-1, 1] units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip[:, 0], -sin * flip[:, 1], shift[:, 0]], 1),
+                         torch.stack([sin * flip[:, 0], cos * flip[:, 1], shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images, masks
+
+
+def learning_rate_at(step: int, steps: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero at `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
-                    seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 3e-3, on_step: Callable[[int], None] | None = None
-                    ) -> SegmentationUNet:
-    """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images."""
+                    seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 2e-3,
+                    warmup_steps: int = 30, clip_norm: float = 1.0,
+                    on_step: Callable[[int], None] | None = None) -> SegmentationUNet:
+    """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images.
+    The initial weights and the augmentation are functions of `seed` alone, so arms share them."""
+    if steps < 1 or batch_size < 2:
+        raise ValueError(f"The segmenter needs steps >= 1 and batch_size >= 2 (got {steps} and {batch_size}).")
     torch.manual_seed(seed)
     net = SegmentationUNet(width)
-    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
+    augment_rng = np.random.default_rng([seed, 1])  # the same jitter stream for every arm
     n_defect = batch_size // 2
     net.train()
     for step in range(steps):
@@ -70,11 +109,14 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         goods = good_batch(rng, batch_size - n_defect)
         x = to_tensor(np.concatenate([images, goods]))
         y = torch.from_numpy(np.concatenate([masks, np.zeros((len(goods), *masks.shape[1:]), masks.dtype)]))
-        value = segmentation_loss(net(x), y.float().unsqueeze(1), loss)
+        x, y = jitter_batch(x, y.float().unsqueeze(1), augment_rng)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, steps, learning_rate, min(warmup_steps, steps))
+        value = segmentation_loss(net(x), y, loss)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
         optimizer.step()
-        schedule.step()
         if on_step is not None:
             on_step(step + 1)
     return net.eval()
@@ -82,7 +124,7 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()

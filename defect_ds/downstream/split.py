@@ -1,5 +1,7 @@
-"""The few-shot split: per defect type, the first few images (by key) are all the generator may learn
-from; every other defect image, and a share of the good images, is the segmenter's test set.
+"""The few-shot split: per defect type, a few images are all the generator may learn from; every other
+defect image, and a share of the good images, is the segmenter's test set. The shots of a type are
+taken in turn from each category (object kind) it occurs on, in a key-hashed order, so they cover the
+categories evenly and the same arguments give the same split.
 
     defect-ds downstream split work/data/synthetic work/downstream --shots 4
 
@@ -21,16 +23,31 @@ from defect_ds.data.reader import iter_dataset
 SPLIT_FILE = "split.json"
 
 
+def _hashed(keys: list[str], seed: int) -> list[str]:
+    """A stable, key-hashed order: the same key keeps its place whatever else is in the list."""
+    return sorted(keys, key=lambda k: (zlib.crc32(f"{seed}:{k}".encode()), k))
+
+
+def _round_robin(keys: list[str], groups: dict[str, str], seed: int) -> list[str]:
+    """Keys taken in turn from each group (sorted by name), each group in hashed order."""
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for k in _hashed(keys, seed):
+        by_group[groups.get(k, "")].append(k)
+    queues = [by_group[g] for g in sorted(by_group)]
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+
+
 def choose(items_by_type: dict[str, list[str]], shots: int | None, test_good_fraction: float,
-           seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(shot keys, test keys) per defect type. Good images: every one not sent to the test set trains."""
+           seed: int = 0, groups: dict[str, str] | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(shot keys, test keys) per defect type. Shots are taken in turn from each group (`groups`: key ->
+    category). Good images: every one not sent to the test set trains."""
     train: dict[str, list[str]] = {}
     test: dict[str, list[str]] = {}
     for defect_type, keys in sorted(items_by_type.items()):
         keys = sorted(keys)
         if defect_type == GOOD:
-            # a stable, key-hashed choice: the same good image lands on the same side for any --shots
-            ordered = sorted(keys, key=lambda k: zlib.crc32(f"{seed}:{k}".encode()))
+            # the same good image lands on the same side for any --shots
+            ordered = _hashed(keys, seed)
             n_test = round(len(keys) * test_good_fraction)
             test[GOOD], train[GOOD] = sorted(ordered[:n_test]), sorted(ordered[n_test:])
             continue
@@ -41,7 +58,8 @@ def choose(items_by_type: dict[str, list[str]], shots: int | None, test_good_fra
         if not 1 <= n < len(keys):
             raise ValueError(f"--shots {n} leaves no test image of {defect_type!r} ({len(keys)} images); "
                              f"use 1 to {len(keys) - 1}.")
-        train[defect_type], test[defect_type] = keys[:n], keys[n:]
+        ordered = _round_robin(keys, groups or {}, seed)
+        train[defect_type], test[defect_type] = sorted(ordered[:n]), sorted(ordered[n:])
     overlap = {k for ks in train.values() for k in ks} & {k for ks in test.values() for k in ks}
     if overlap:  # keys are unique per data set, so this guards the code above, not the input
         raise AssertionError(f"keys on both sides of the split: {sorted(overlap)[:5]}")
@@ -69,7 +87,8 @@ def split_dataset(data: str | Path, out: str | Path, *, shots: int | None = None
         by_type[item["meta"].get("defect_type", "unknown")].append(item["key"])
     if GOOD not in by_type:
         raise ValueError(f"{data} has no good images; the test set and the arms need some.")
-    train, test = choose(by_type, shots, test_good_fraction)
+    categories = {item["key"]: str(item["meta"].get("category", "")) for item in items}
+    train, test = choose(by_type, shots, test_good_fraction, groups=categories)
     side = {k: "shots" for ks in train.values() for k in ks} | {k: "test" for ks in test.values() for k in ks}
     val_keys = set(train[GOOD][:val_good])  # a few good images for train.py's val loss, never a shot
     out = Path(out)

@@ -42,11 +42,15 @@ def run(args: argparse.Namespace) -> int:
     sources = load_sources(args.sources, resolution, skipped) if args.mode == "inpaint" else []
     if skipped:
         print(f"generate: skipped {len(skipped)} unreadable input file(s) (first: {skipped[0]})")
+    words = parse_words(args.words)
     pipe, tokens, info = build_pipeline(run=args.run, base_model=args.base_model, lora=args.lora,
                                         embeddings=args.embeddings, device=device, dtype=dtype,
-                                        mask_gating=not args.no_mask_gating, mask_resize=args.mask_resize)
+                                        mask_gating=not args.no_mask_gating, mask_resize=args.mask_resize,
+                                        base_only=bool(words))
+    tokens = words or tokens
     if not tokens:
-        raise ValueError("The export has no learned tokens; pass --embeddings or train with textual inversion.")
+        raise ValueError("The export has no learned tokens; pass --embeddings, --words TYPE=WORD,... or train "
+                         "with textual inversion.")
     defect_types = args.defect_types.split(",") if args.defect_types else sorted(tokens)
     unknown = [t for t in defect_types if t not in tokens]
     if unknown:
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         mask_model=str(Path(args.mask_model).resolve()) if args.mask_model else "",
         precision="bf16" if dtype == torch.bfloat16 else "fp32", export=info["export"],
         export_step=info["export_step"], base_model=info["base_model"], lora=info["lora"],
-        embeddings=info["embeddings"], mask_gating=info["mask_gating"], mask_resize=info["mask_resize"])
+        embeddings=info["embeddings"], mask_gating=info["mask_gating"], mask_resize=info["mask_resize"],
+        inpaint_mask=args.inpaint_mask)
     # every input is read and every sample planned before the folder is touched: a call that fails
     # here leaves nothing behind that a corrected call would have to match
     sampler = None
@@ -97,6 +102,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_words(text: str | None) -> dict[str, str]:
+    """--words "crack=crack,scratch=scratch" -> {defect type: the plain word its prompts use}."""
+    words = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, word = item.partition("=")
+        if not sep or not name.strip() or not word.strip():
+            raise ValueError(f"--words {item!r} is invalid: write --words TYPE=WORD[,TYPE=WORD...].")
+        words[name.strip()] = word.strip()
+    return words
+
+
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate defect images with exact masks from a trained export",
                        description=__doc__.splitlines()[0])
@@ -111,6 +129,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--no-mask-gating", action="store_true", help="let the LoRA act on the whole image")
     src.add_argument("--mask-resize", choices=("nearest", "max"),
                      help="how the gate resizes masks to each layer (default: as trained, else nearest)")
+    src.add_argument("--words", help="prompt defect types by plain words instead of learned tokens, e.g. "
+                     "crack=crack,scratch=scratch; with --base-model alone, the base model without a fine-tune")
     what = p.add_argument_group("what to generate")
     what.add_argument("--mode", choices=MODES, default="text2img")
     what.add_argument("--defect-types", help="comma-separated defect types (default: every learned token)")
@@ -137,6 +157,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     sampling.add_argument("--steps", type=int, default=30)
     sampling.add_argument("--guidance-scale", type=float, default=7.5)
+    sampling.add_argument("--inpaint-mask", choices=("cells", "nearest"), default="cells",
+                          help="inpaint: free every latent cell the mask touches (cells), or let diffusers shrink "
+                               "the mask by nearest sampling")
     sampling.add_argument("--strength", type=float, default=1.0, help="inpaint: noise level of the mask region")
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--resolution-px", type=int, default=0, help="default: the export's resolution")

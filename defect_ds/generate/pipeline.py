@@ -61,7 +61,7 @@ def planned_resolution(*, run: str | None = None, base_model: str | None = None)
 def build_pipeline(*, run: str | None = None, base_model: str | None = None, lora: str | None = None,
                    embeddings: list[str] | None = None, device: torch.device = torch.device("cpu"),
                    dtype: torch.dtype = torch.float32, mask_gating: bool = True,
-                   mask_resize: str | None = None):
+                   mask_resize: str | None = None, base_only: bool = False):
     """A StableDiffusionPipeline with the trained LoRA (or UNet), learned tokens and mask gating loaded.
 
     Either `run` (a run directory or an export folder; the base model defaults to the one the
@@ -79,7 +79,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
         export_dir = find_export(run)
         meta = read_export_meta(export_dir)
         base_model = base_model or meta.get("base_model")
-    elif not (lora or embeddings):
+    elif not (lora or embeddings or (base_only and base_model)):
         raise ValueError("Nothing to generate with: pass --run RUN_DIR, or --base-model with --lora "
                          "and/or --embeddings.")
     if not base_model:
@@ -205,7 +205,9 @@ def generate_batch(pipe, specs: list[SampleSpec], settings: GenerationSettings, 
         else:
             sources = [Image.fromarray(s.source) for s in specs]
             factor = inpaint_pipe.vae_scale_factor
-            mask_images = [Image.fromarray(latent_cells(s.mask, factor) * 255) for s in specs]
+            cells = settings.inpaint_mask != "nearest"  # nearest: diffusers shrinks the exact mask itself
+            mask_images = [Image.fromarray((latent_cells(s.mask, factor) if cells else s.mask.astype(np.uint8)) * 255)
+                           for s in specs]
             out = inpaint_pipe(image=sources, mask_image=mask_images, strength=settings.strength, **kwargs).images
     raws = [(np.clip(np.asarray(o, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8) for o in out]
     if settings.mode == "text2img":

@@ -54,6 +54,7 @@ class GenerationSettings:
     embeddings: list[str] = field(default_factory=list)  # loose embeddings as "type=file"
     mask_gating: bool = False  # whether the mask gates the LoRA
     mask_resize: str = ""  # how the gate resizes masks (nearest or max; "" without gating)
+    inpaint_mask: str = "cells"  # inpaint: every latent cell the mask touches (cells) or diffusers' nearest
 
 
 @dataclass

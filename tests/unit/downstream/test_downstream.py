@@ -7,9 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from defect_ds.cli import main
-from defect_ds.downstream.arms import ArmSampler, Pairs, jitter, paste
+from defect_ds.downstream.arms import ArmSampler, Pairs, paste
+from defect_ds.downstream.segmenter import jitter_batch, to_tensor
 from defect_ds.downstream.scores import score, score_by_type
 from defect_ds.downstream.split import choose
 from defect_ds.data.reader import iter_dataset
@@ -30,13 +32,20 @@ def split_dir(data, tmp_path_factory):
     return out
 
 
-def test_choose_takes_the_first_third_by_key_and_no_key_twice():
-    by_type = {"scratch": [f"s{i}" for i in (5, 3, 1, 0, 4, 2)], "good": [f"g{i}" for i in range(10)]}
-    train, test = choose(by_type, shots=None, test_good_fraction=0.5)
-    assert train["scratch"] == ["s0", "s1"] and test["scratch"] == ["s2", "s3", "s4", "s5"]
+def test_choose_takes_a_third_in_turn_from_each_category_and_no_key_twice():
+    keys = [f"{c}{i}" for c in "abc" for i in range(4)]
+    by_type = {"scratch": keys[::-1], "good": [f"g{i}" for i in range(10)]}
+    groups = {k: k[0] for k in keys}
+    train, test = choose(by_type, shots=None, test_good_fraction=0.5, groups=groups)
+    assert len(train["scratch"]) == 4 and len(test["scratch"]) == 8
+    assert sorted(k[0] for k in train["scratch"]) == ["a", "a", "b", "c"]  # every category, in turn
+    assert sorted(train["scratch"] + test["scratch"]) == sorted(keys)
     assert len(test["good"]) == 5 and not set(train["good"]) & set(test["good"])
-    train, test = choose(by_type, shots=1, test_good_fraction=0.5)
-    assert train["scratch"] == ["s0"]
+    again, _ = choose({"scratch": sorted(keys), "good": by_type["good"]}, shots=None, test_good_fraction=0.5,
+                      groups=groups)
+    assert again == train  # a function of the keys, not of their order
+    train, test = choose(by_type, shots=3, test_good_fraction=0.5, groups=groups)
+    assert sorted(k[0] for k in train["scratch"]) == ["a", "b", "c"]
 
 
 def test_choose_refuses_a_type_with_one_image():
@@ -72,14 +81,16 @@ def test_paste_lands_the_whole_defect_on_the_object():
 
 def test_jitter_keeps_masks_binary_and_aligned():
     rng = np.random.default_rng(1)
-    image = np.zeros((32, 32, 3), np.uint8)
-    mask = np.zeros((32, 32), np.uint8)
-    mask[10:20, 12:16] = 1
+    image = np.zeros((10, 32, 32, 3), np.uint8)
+    mask = np.zeros((10, 32, 32), np.uint8)
+    mask[:, 10:20, 12:16] = 1
     image[mask == 1] = 255
-    for _ in range(10):
-        out_image, out_mask = jitter(image, mask, rng)
-        assert set(np.unique(out_mask)) <= {0, 1} and out_mask.any()
-        assert out_image[out_mask == 1].mean() > 200  # the defect pixels moved with their mask
+    out_image, out_mask = jitter_batch(to_tensor(image), torch.from_numpy(mask).float()[:, None], rng)
+    assert set(np.unique(out_mask.numpy())) <= {0, 1}
+    for i in range(10):
+        m = out_mask[i, 0] == 1
+        assert m.any() and out_image[i, :, m].mean() > 200 / 127.5 - 1  # the defect pixels moved with their mask
+    assert not torch.equal(out_mask[0], out_mask[1])  # each sample drew its own jitter
 
 
 def test_arm_samplers_draw_from_their_own_source():
@@ -124,7 +135,15 @@ def test_eval_writes_every_report(split_dir, tmp_path):
     summary = results["arms"]["real"]["summary"]
     assert set(summary["all"]) == {"pixel_ap", "pixel_auroc", "pixel_f1_max", "iou", "image_auroc"}
     assert {"crack", "scratch", "spot"} <= set(summary) and len(results["arms"]["real"]["per_seed"]) == 2
-    assert "won" in (out / "downstream.md").read_text()
+    md = (out / "downstream.md").read_text()
+    assert "won" not in md and "Paired pixel_ap differences" in md
+    comparisons = results["comparisons"]
+    assert {(c["arm"], c["baseline"]) for c in comparisons} == {
+        ("copy-paste", "real"), ("generated", "real"), ("real", "copy-paste"), ("generated", "copy-paste")}
+    assert {c["type"] for c in comparisons} == {"all", "crack", "scratch", "spot"}
+    for c in comparisons:
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"] or c["verdict"] != "no detectable difference"
+        assert c["verdict"] in ("better", "worse", "no detectable difference")
     assert results["environment"]["device"] and results["environment"]["torch"]
     assert results["generation"] is None  # the test set is not a `defect-ds generate` folder
     assert (out / "downstream.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
@@ -136,7 +155,7 @@ def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
     (gen / "generation.json").write_text(json.dumps({"mode": "inpaint", "guidance_scale": 6.0, "export_step": 600}))
     out = tmp_path / "eval"
     assert main(["downstream", "eval", str(split_dir), str(out), "--arms", "generated", "--generated", str(gen),
-                 "--seeds", "1", "--steps", "1", "--batch-size", "4", "--resolution-px", "32", "--no-progress"]) == 0
+                 "--seeds", "2", "--steps", "1", "--batch-size", "4", "--resolution-px", "32", "--no-progress"]) == 0
     assert json.loads((out / "downstream.json").read_text())["generation"]["guidance_scale"] == 6.0
     assert "guidance_scale 6.0, export_step 600" in (out / "downstream.md").read_text()
 
@@ -147,7 +166,7 @@ def test_eval_refuses_an_unreadable_generation_record(split_dir, tmp_path, capsy
     (gen / "generation.json").write_text("{not json")
     out = tmp_path / "eval"
     assert main(["downstream", "eval", str(split_dir), str(out), "--arms", "generated", "--generated", str(gen),
-                 "--seeds", "1", "--steps", "1", "--resolution-px", "32", "--no-progress"]) == 2
+                 "--seeds", "2", "--steps", "1", "--resolution-px", "32", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "generation.json is not readable JSON" in err and "\n" not in err
     assert not out.exists()
@@ -187,5 +206,106 @@ def test_eval_refuses_a_test_set_without_defect_pixels(data, tmp_path, capsys):
                                  "caption.txt": item["caption"].encode(), "json": json.dumps(item["meta"]).encode()},
                          "good")
     write_manifest(split / "test", build_manifest(writer.close(), defect_tokens={}))
+    record = json.loads((split / "split.json").read_text())  # the split now says the test side is those goods
+    record["test"] = {"good": [i["key"] for i in iter_dataset(split / "test")]}
+    (split / "split.json").write_text(json.dumps(record))
     assert main(["downstream", "eval", str(split), str(tmp_path / "o"), "--resolution-px", "32"]) == 2
     assert "has no defect pixel in any mask" in capsys.readouterr().err
+
+
+def _rewrite_shards(folder, edit):
+    """Rewrites a shard folder's samples through edit(item) -> item or None (dropped), keeping its manifest."""
+    from defect_ds.data.shards import ShardWriter
+
+    items = list(iter_dataset(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for tar in folder.glob("*.tar"):
+        tar.unlink()
+    writer = ShardWriter(folder)
+    for item in items:
+        item = edit(item)
+        if item is not None:
+            writer.write("val", {"__key__": item["key"], "image.png": item["image"], "mask.png": item["mask"],
+                                 "caption.txt": item["caption"].encode(), "json": json.dumps(item["meta"]).encode()},
+                         item["meta"]["defect_type"])
+    written = writer.close()
+    manifest["shards"] = written
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arms", "real,real,copy-paste"], "more than once"),
+    (["--seeds", "1"], "at least 2 seeds"),
+    (["--steps", "0"], "--steps 0 is too small"),
+    (["--resolution-px", "0"], "--resolution-px 0 is too small"),
+])
+def test_eval_bad_numbers_and_repeated_arms_get_one_sentence(split_dir, tmp_path, capsys, extra, message):
+    assert main(["downstream", "eval", str(split_dir), str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_a_test_set_shorter_than_the_split(split_dir, tmp_path, capsys):
+    split = tmp_path / "split"
+    shutil.copytree(split_dir, split)
+    dropped = []
+    _rewrite_shards(split / "test", lambda item: dropped.append(item["key"]) if not dropped else item)
+    assert main(["downstream", "eval", str(split), str(tmp_path / "o"), "--resolution-px", "32"]) == 2
+    assert "1 missing" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_a_mask_of_another_size_by_key(split_dir, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    split = tmp_path / "split"
+    shutil.copytree(split_dir, split)
+    small = io.BytesIO()
+    Image.new("L", (8, 8)).save(small, format="PNG")
+    victim = []
+
+    def shrink(item):
+        if not victim:
+            victim.append(item["key"])
+            item["mask"] = small.getvalue()
+        return item
+
+    _rewrite_shards(split / "test", shrink)
+    assert main(["downstream", "eval", str(split), str(tmp_path / "o"), "--resolution-px", "32"]) == 2
+    err = capsys.readouterr().err
+    assert victim[0] in err and "8x8" in err
+
+
+def test_eval_refuses_images_over_the_pixel_limit(split_dir, tmp_path, capsys, monkeypatch):
+    import defect_ds.downstream.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_MAX_IMAGE_PIXELS", 32 * 32 - 1)
+    assert main(["downstream", "eval", str(split_dir), str(tmp_path / "o"), "--resolution-px", "32"]) == 2
+    assert "over the limit" in capsys.readouterr().err
+
+
+def test_eval_refuses_pairs_generated_into_test_images(split_dir, tmp_path, capsys):
+    gen = tmp_path / "gen"
+    shutil.copytree(split_dir / "test", gen)
+    # every pair claims to be inpainted into the test image of the same key
+    _rewrite_shards(gen, lambda item: {**item, "meta": {**item["meta"], "generation": {
+        "source_image": f"{split_dir}/test:{item['key']}"}}})
+    assert main(["downstream", "eval", str(split_dir), str(tmp_path / "o"), "--arms", "generated", "--generated",
+                 str(gen), "--resolution-px", "32"]) == 2
+    assert "drawn into test images" in capsys.readouterr().err
+
+
+def test_segmenter_results_do_not_depend_on_the_number_of_workers(split_dir):
+    from defect_ds.downstream.cli import load_pairs, load_test
+    from defect_ds.downstream.runner import ArmData, SegmenterSettings, run_jobs
+
+    data = ArmData(load_pairs(split_dir / "shots", 32, defects=True),
+                   load_pairs(split_dir / "shots", 32, defects=False).images, {}, load_test(split_dir / "test", 32))
+    results = []
+    for workers in (1, 2):
+        got = {}
+        run_jobs([("real", 0), ("copy-paste", 1)], data, SegmenterSettings(3, 4, 4), workers=workers, grid_rows=[0],
+                 on_done=lambda o: got.__setitem__((o.arm, o.seed), o.scores["all"]["pixel_ap"]))
+        results.append(got)
+    assert results[0] == results[1] and len(results[0]) == 2

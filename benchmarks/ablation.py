@@ -1,0 +1,196 @@
+"""What each part of the method adds: fine-tune, generate and score variants from the same shots and seeds.
+
+    python benchmarks/ablation.py --out benchmarks/results
+
+Variants (each against the full method, `make demo`'s settings):
+  full          masked LoRA + mask-weighted loss + learned tokens, inpainting with every latent cell freed
+  no-gating     plain LoRA: the adapters act on the whole image (`lora.mask_gating=false`)
+  no-mask-loss  the loss weighs defect and background alike (`loss.background_weight=1`)
+  no-tokens     no learned tokens: captions and prompts use the type's plain word (textual inversion off)
+  no-finetune   no fine-tune at all: the base model inpaints the type's plain word
+  nearest-mask  diffusers' own nearest shrink of the inpainting mask instead of the latent cells
+
+Every stage (data, fine-tune, generation) is skipped when its output is there, so an interrupted run
+resumes where it stopped. The segmenters of every variant train with the same seeds on the same test
+set, so each variant is compared with the full method as a paired difference with a 95% bootstrap
+interval over test images and seeds (defect_ds/downstream/compare.py). Writes ablation-DATE.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from defect_ds.data.sample import GOOD
+from defect_ds.downstream import report
+from defect_ds.downstream.cli import environment, load_pairs, load_test
+from defect_ds.downstream.compare import compare
+from defect_ds.downstream.runner import ArmData, SegmenterSettings, default_workers, run_jobs
+from defect_ds.downstream.cli import STEPS, WIDTH
+
+TYPES = ("crack", "scratch", "spot")
+WORDS = ",".join(f"{t}={t}" for t in TYPES)
+VARIANTS = {  # name: (training overrides or None for no fine-tune, generation flags, plain-word data)
+    "full": ([], [], False),
+    "no-gating": (["--lora.mask_gating=false"], [], False),
+    "no-mask-loss": (["--loss.background_weight=1.0"], [], False),
+    "no-tokens": (["--textual_inversion.enabled=false"], ["--words", WORDS], True),
+    "no-finetune": (None, ["--words", WORDS], True),
+    "nearest-mask": ([], ["--inpaint-mask", "nearest"], False),
+}
+SAME_RUN = {"nearest-mask": "full"}  # variants that differ only in generation reuse that fine-tune
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    """Runs one stage, its output in `log`; a failing stage stops the ablation with that log's tail."""
+    print("+", " ".join(cmd), flush=True)
+    with log.open("a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"}).returncode
+    if rc:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"stage failed (exit {rc}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def prepare(work: Path, words: bool, log: Path, bin_dir: Path) -> Path:
+    """The demo's data and split (plain-word captions when `words`); returns the split folder."""
+    name = "words" if words else "tokens"
+    data, split = work / f"data-{name}", work / f"split-{name}"
+    if not (data / "manifest.json").is_file():
+        flags = [f"--token={t}={t}" for t in TYPES] if words else []
+        sh([str(bin_dir / "defect-ds"), "prepare", "synthetic", str(data), "--resolution-px", "64",
+            "--per-defect", "38", "--good-per-category", "70", "--no-progress", "--overwrite", *flags], log)
+    if not (split / "split.json").is_file():
+        sh([str(bin_dir / "defect-ds"), "downstream", "split", str(data), str(split), "--shots", "12",
+            "--overwrite"], log)
+    if not (split / "shots-latents" / "manifest.json").is_file():
+        sh([str(bin_dir / "defect-ds"), "prepare", "latents", str(split / "shots"), str(split / "shots-latents"),
+            "--pretrained", "models/tiny-defect-base", "--resolution-px", "64", "--overwrite"], log)
+    return split
+
+
+def finetune(name: str, overrides: list[str], split: Path, runs: Path, log: Path, bin_dir: Path) -> Path:
+    run = runs / name
+    export = run / "export" / "export.json"
+    if export.is_file() and json.loads(export.read_text()).get("step") == 600:
+        return run
+    sh([str(bin_dir / "deepspeed"), "--log_level", "error", "--num_gpus", "2", "train.py", "--config",
+        "configs/default.toml", f"--logging.run_dir={run}", f"--data.train_shards={split / 'shots-latents'}",
+        "--checkpoint.resume=latest", *overrides], log)
+    return run
+
+
+def generate(name: str, run: Path | None, flags: list[str], split: Path, work: Path, log: Path, bin_dir: Path) -> Path:
+    out = work / "generated" / name
+    if (out / "shards" / "manifest.json").is_file():
+        return out
+    weights = ["--run", str(run)] if run else ["--base-model", "models/tiny-defect-base"]
+    sh([str(bin_dir / "defect-ds"), "generate", str(out), *weights, "--mode", "inpaint", "--sources",
+        str(split / "shots"), "--masks", "augmented", "--data", str(split / "shots"), "--num-per-type", "24",
+        "--steps", "20", "--guidance-scale", "6", "--no-progress", *flags], log)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="work/ablation", help="data, splits and generated pairs")
+    p.add_argument("--runs", default="runs/ablation", help="one fine-tune per variant")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--arm", default="generated", choices=("generated", "real+generated", "copy-paste+generated"),
+                   help="the downstream arm each variant's pairs are scored in")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--width", type=int, default=WIDTH)
+    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--tag", default="", help="suffix of the results' file names")
+    args = p.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "full" not in variants:
+        raise SystemExit(f"--variants must include full and name only {', '.join(VARIANTS)} (got {unknown}).")
+    work, runs = Path(args.work), Path(args.runs)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "ablation.log"
+    bin_dir = Path(sys.executable).parent
+    times, generated_dirs = {}, {}
+    for name in variants:
+        overrides, flags, words = VARIANTS[name]
+        started = time.time()
+        split = prepare(work, words, log, bin_dir)
+        run = None
+        if overrides is not None:
+            source = SAME_RUN.get(name, name)
+            run = finetune(source, VARIANTS[source][0], split, runs, log, bin_dir)
+        generated_dirs[name] = generate(name, run, flags, split, work, log, bin_dir)
+        times[name] = round(time.time() - started, 1)
+        print(f"{name}: data, fine-tune and generation ready ({times[name]} s)", flush=True)
+
+    split = work / "split-tokens"  # every variant is scored on the same test images (same keys, same pixels)
+    size = 64
+    shots = load_pairs(split / "shots", size, defects=True)
+    goods = load_pairs(split / "shots", size, defects=False).images
+    test = load_test(split / "test", size)
+    generated = {name: load_pairs(path, size, defects=True) for name, path in generated_dirs.items()}
+    data = ArmData(shots, goods, {}, test)
+    per_seed = {v: [None] * args.seeds for v in variants}
+    evidence_by = {v: [None] * args.seeds for v in variants}
+
+    # each variant is "an arm" whose generated pairs are its own; the arm kind decides the mixing
+    data.generated = {f"{args.arm}@{v}": generated[v] for v in variants}
+    jobs = [(f"{args.arm}@{v}", seed) for seed in range(args.seeds) for v in variants]
+    started = time.time()
+
+    def done(outcome) -> None:
+        v = outcome.arm.split("@")[1]
+        per_seed[v][outcome.seed], evidence_by[v][outcome.seed] = outcome.scores, outcome.evidence
+        print(f"  scored {v} seed {outcome.seed}", flush=True)
+
+    run_jobs(jobs, data, SegmenterSettings(args.steps, 16, args.width), workers=args.workers, grid_rows=[],
+             on_done=done)
+    comparisons = compare(evidence_by, test.types, baselines=("full",))
+    results = {"settings": {"arm": args.arm, "seeds": args.seeds, "steps": args.steps, "width": args.width,
+                            "variants": {v: {"training_overrides": VARIANTS[v][0], "generation_flags": VARIANTS[v][1]}
+                                         for v in variants}},
+               "test": {"defect_images": int(sum(t != GOOD for t in test.types)),
+                        "good_images": int(sum(t == GOOD for t in test.types))},
+               "variants": {v: {"summary": report.summarise(per_seed[v]), "per_seed": per_seed[v],
+                                "generated_pairs": len(generated[v]), "prepare_seconds": times[v]} for v in variants},
+               "comparisons": comparisons, "scoring_seconds": round(time.time() - started, 1),
+               "environment": environment()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"ablation-{datetime.date.today().isoformat()}{'-' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    print(f"wrote {out / stem}.{{json,md}}")
+    return 0
+
+
+def markdown(results: dict) -> str:
+    s, env = results["settings"], results["environment"]
+    lines = ["# Ablation: what each part of the method adds", "",
+             f"Each variant's generated pairs scored in the `{s['arm']}` arm: {s['seeds']} segmenter seeds, "
+             f"{s['steps']} steps, width {s['width']}; test set {results['test']['defect_images']} defect and "
+             f"{results['test']['good_images']} good images (synthetic v2).",
+             f"Device: {env['device']}, load average {'/'.join(f'{x:.2f}' for x in env['load_average'])} at the end; "
+             f"torch {env['torch']}.", "", "| variant | pixel AP (mean ± std over seeds) | image AUROC |", "|---|---|---|"]
+    for v, r in results["variants"].items():
+        a = r["summary"]["all"]
+        lines.append(f"| {v} | {a['pixel_ap']['mean']:.3f} ± {a['pixel_ap']['std']:.3f} | "
+                     f"{a['image_auroc']['mean']:.3f} ± {a['image_auroc']['std']:.3f} |")
+    rows = [{**c, "baseline": "full"} for c in results["comparisons"]]
+    for metric in ("pixel_ap", "image_auroc"):
+        lines += ["", f"## {metric}: variant minus full method, 95% interval", "",
+                  *report.comparison_table(rows, metric)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

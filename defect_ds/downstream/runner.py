@@ -1,0 +1,102 @@
+"""Trains and scores one segmenter per (arm, seed), in worker processes.
+
+    python -c "from defect_ds.downstream.runner import default_workers; print(default_workers())"
+
+The segmenter is small: on a CPU its convolutions do not keep two threads busy, so two processes of one
+thread each train two (arm, seed) pairs at once in about the time one process of two threads takes for
+one (docs/downstream.md, The segmenter). Workers are spawned (not forked, which is unsafe once torch's
+thread pool has started) and receive the data once. A job's result does not depend on which worker ran
+it or how many there were: a segmenter is a function of its arm's data and its seed.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from defect_ds.downstream.arms import ArmSampler, Pairs
+from defect_ds.downstream.compare import Evidence, evidence
+from defect_ds.downstream.scores import score_by_type
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    steps: int
+    batch_size: int
+    width: int
+    loss: str = "bce-dice"
+
+
+@dataclass
+class ArmData:
+    """Everything the segmenters of one evaluation see: training sources per arm and the test set."""
+    shots: Pairs
+    goods: np.ndarray
+    generated: dict[str, Pairs]  # arm (or "arm@label") -> generated pairs, for the arms that use them
+    test: Pairs
+
+
+@dataclass
+class Outcome:
+    arm: str
+    seed: int
+    scores: dict[str, dict[str, float]]
+    evidence: Evidence
+    grid: np.ndarray | None  # predicted probabilities of the grid rows (seed 0 only)
+
+
+_STATE: dict = {}
+
+
+def _init(data: ArmData, settings: SegmenterSettings, grid_rows: list[int], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _STATE.update(data=data, settings=settings, grid_rows=grid_rows, samplers={})
+
+
+def _run(arm: str, seed: int) -> Outcome:
+    from defect_ds.downstream.segmenter import predict, train_segmenter
+
+    data, settings = _STATE["data"], _STATE["settings"]
+    sampler = _STATE["samplers"].get(arm)
+    if sampler is None:
+        kind = arm.split("@")[0]  # "generated@variant": the generated arm with that variant's pairs
+        sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm))
+    net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
+                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss)
+    probs = predict(net, data.test.images)
+    grid = probs[_STATE["grid_rows"]] if seed == 0 else None
+    return Outcome(arm, seed, score_by_type(probs, data.test.masks, data.test.types),
+                   evidence(probs, data.test.masks), grid)
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: SegmenterSettings, *, workers: int,
+             grid_rows: list[int], on_done: Callable[[Outcome], None]) -> None:
+    """Runs every (arm, seed) job; on_done gets each outcome as it finishes (in any order)."""
+    jobs = list(jobs)
+    if workers <= 1:
+        import torch
+
+        _init(data, settings, grid_rows, torch.get_num_threads())
+        for arm, seed in jobs:
+            on_done(_run(arm, seed))
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                             initargs=(data, settings, grid_rows, 1)) as pool:
+        futures = [pool.submit(_run, arm, seed) for arm, seed in jobs]
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
