@@ -29,6 +29,8 @@ class SegmenterSettings:
     batch_size: int
     width: int
     loss: str = "bce-dice"
+    learning_rate: float = 2e-3
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -68,7 +70,8 @@ def _run(arm: str, seed: int) -> Outcome:
         kind = arm.split("@")[0]  # "generated@variant": the generated arm with that variant's pairs
         sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm))
     net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
-                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss)
+                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss,
+                          learning_rate=settings.learning_rate, ema_decay=settings.ema_decay)
     probs = predict(net, data.test.images)
     grid = probs[_STATE["grid_rows"]] if seed == 0 else None
     return Outcome(arm, seed, score_by_type(probs, data.test.masks, data.test.types),

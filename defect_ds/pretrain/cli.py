@@ -22,6 +22,7 @@ import torch
 from defect_ds.data.sample import GOOD
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.utils.device import cpu_has_native_bf16
 from defect_ds.utils.quiet import quiet_libraries
 from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
@@ -151,10 +152,12 @@ def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     recipe = BaseRecipe.from_file(args.recipe) if args.recipe else BaseRecipe()
-    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size"):
+    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size", "precision"):
         if getattr(args, name) is not None:
             setattr(recipe, name, getattr(args, name))
     recipe.validate()
+    if recipe.precision == "auto":
+        recipe.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if (out / "model_index.json").is_file() and not (out / STATE).is_dir():
         raise FileExistsError(f"{out} already holds a finished base model; choose another folder or delete it.")
     train_images, train_captions, left_out = load_good(args.data, "train", args.resolution_px)
@@ -245,6 +248,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-batch-size", type=int)
     p.add_argument("--unet-batch-size", type=int)
     p.add_argument("--resolution-px", type=int, default=None, help="resize images to this side (default: as stored)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="autocast of the forward passes (default: the recipe's, auto: bf16 on CPUs with avx512_bf16 "
+                        "or AMX, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16, half the size)")
     p.add_argument("--sample-steps", type=int, default=30, help="denoising steps of the sample grid")

@@ -121,3 +121,11 @@ def test_recipe_refuses_latents_inpainting_cannot_take(tmp_path, data, capsys):
     err = capsys.readouterr().err
     assert "vae_latent_channels=8 must be 4" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_precision_is_recorded_as_what_it_resolved_to(base):
+    from defect_ds.utils.device import cpu_has_native_bf16
+
+    recipe = json.loads((base / "recipe.json").read_text())
+    assert recipe["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert BaseRecipe().precision == "auto"
