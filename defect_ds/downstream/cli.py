@@ -221,7 +221,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 grid_predictions[outcome.arm] = outcome.grid
             progress.advance(task)
 
-        run_jobs(jobs, data, settings, workers=args.workers, grid_rows=grid_rows, on_done=done)
+        reused = run_jobs(jobs, data, settings, workers=args.workers, grid_rows=grid_rows, on_done=done,
+                          cache_dir=out / "segmenters")
+    if reused:
+        print(f"downstream: {reused} of {len(jobs)} segmenters were scored by an earlier run with the same data and "
+              f"settings ({out / 'segmenters'}); the rest trained now.", file=sys.stderr)
     for arm in arms:
         results["arms"][arm] = {"summary": report.summarise(per_seed[arm]), "per_seed": per_seed[arm]}
     grid_predictions = {arm: grid_predictions[arm] for arm in arms}

@@ -309,3 +309,38 @@ def test_segmenter_results_do_not_depend_on_the_number_of_workers(split_dir):
                  on_done=lambda o: got.__setitem__((o.arm, o.seed), o.scores["all"]["pixel_ap"]))
         results.append(got)
     assert results[0] == results[1] and len(results[0]) == 2
+
+
+def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_not(split_dir, tmp_path, monkeypatch):
+    from defect_ds.downstream import runner
+    from defect_ds.downstream.cli import load_pairs, load_test
+
+    data = runner.ArmData(load_pairs(split_dir / "shots", 32, defects=True),
+                          load_pairs(split_dir / "shots", 32, defects=False).images, {},
+                          load_test(split_dir / "test", 32))
+    settings, jobs = runner.SegmenterSettings(3, 4, 4), [("real", 0), ("copy-paste", 0), ("real", 1)]
+    straight = {}
+    runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0],
+                    on_done=lambda o: straight.__setitem__((o.arm, o.seed), o.scores))
+    real_run = runner._run
+    trained = []
+
+    def crash_on_third(arm, seed):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append((arm, seed))
+        return real_run(arm, seed)
+
+    monkeypatch.setattr(runner, "_run", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0], on_done=lambda o: None, cache_dir=tmp_path)
+    trained.clear()
+    monkeypatch.setattr(runner, "_run", lambda arm, seed: (trained.append((arm, seed)), real_run(arm, seed))[1])
+    resumed = {}
+    reused = runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0], cache_dir=tmp_path,
+                             on_done=lambda o: resumed.__setitem__((o.arm, o.seed), o.scores))
+    assert reused == 2 and trained == [("real", 1)] and resumed == straight
+    trained.clear()
+    runner.run_jobs(jobs, data, runner.SegmenterSettings(4, 4, 4), workers=1, grid_rows=[0], cache_dir=tmp_path,
+                    on_done=lambda o: None)
+    assert trained == jobs  # other settings: nothing reused
