@@ -5,30 +5,40 @@
 #               into good images, and the downstream benchmark with all four arms
 #   make test   the test suite (fast unit tests and CPU integration runs)
 #   make base   re-trains models/tiny-defect-base from scratch (30-45 minutes on 2 CPU cores)
-# Re-running either installs nothing again unless setup.cfg changed.
+#   make upgrade  re-resolves the dependencies within setup.cfg's ranges in a throw-away environment,
+#               runs the suite there, and rewrites constraints.txt only if it passes
+# Installs use the exact versions in constraints.txt; re-running installs nothing again unless
+# setup.cfg or constraints.txt changed.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WORK   ?= work
-# torch 2.14.1 / torchvision 0.29.1 are the builds this machine carries; override on other machines.
+# torch 2.14.1 / torchvision 0.29.1 are the builds this machine carries, pinned in constraints.txt too;
+# on other machines override both: make install TORCH_PINS='torch==X torchvision==Y' CONSTRAINTS=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+CONSTRAINTS ?= constraints.txt
+PIP_C  := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 NUM_PROCS ?= 2
 BASE   ?= models/tiny-defect-base
 RUN    ?= runs/default
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench-cpu clean-demo base
+.PHONY: install upgrade demo test test-fast bench-cpu clean-demo base
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(TORCH_PINS) $(PIP_C)
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PIP_C)
 	touch $(STAMP)
+
+# no stamp: the new environment is a temporary one, never .venv
+upgrade:
+	$(PYTHON) tools/upgrade_constraints.py --torch '$(TORCH_PINS)'
 
 $(WORK)/tiny-sd/model_index.json: | $(STAMP)
 	$(BIN)/defect-ds make-tiny-model $(WORK)/tiny-sd

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from defect_ds.data import prepare
+from defect_ds.data import mvtec, prepare
 from defect_ds.downstream import cli as downstream_cli
 from defect_ds.evaluate import cli as evaluate_cli
 from defect_ds.generate import cli as generate_cli
@@ -18,7 +18,8 @@ from defect_ds.pretrain import cli as pretrain_cli
 
 # Each adds its subcommand(s) to the parser; each subcommand sets `func(args) -> int | None`.
 COMMANDS = (tiny.add_command, prepare.add_command, pretrain_cli.add_command, generate_cli.add_command,
-            mask_model.add_command, evaluate_cli.add_command, downstream_cli.add_command, sweep.add_command)
+            mvtec.add_command, mask_model.add_command, evaluate_cli.add_command, downstream_cli.add_command,
+            sweep.add_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,11 @@ class SourceItem:
     caption: str | None = None  # None: made from the caption template of the defect type
 
 
+def mvtec_mask_path(category_dir: Path, defect_type: str, stem: str) -> Path:
+    """Where MVTec AD keeps the mask of test/<defect_type>/<stem>.png (read here, written by data/mvtec.py)."""
+    return category_dir / "ground_truth" / defect_type / f"{stem}_mask.png"
+
+
 def mvtec_items(root: str | Path, category: str) -> list[SourceItem]:
     """All images of one MVTec AD category: train/good, test/good and test/<defect> with ground_truth masks."""
     base = Path(root) / category
@@ -51,7 +56,7 @@ def mvtec_items(root: str | Path, category: str) -> list[SourceItem]:
                 mask_path = None
                 if defect_type != GOOD:
                     # a missing ground-truth file is a bad input, reported by load_item
-                    mask_path = base / "ground_truth" / defect_type / f"{image_path.stem}_mask.png"
+                    mask_path = mvtec_mask_path(base, defect_type, image_path.stem)
                 key = sanitise_key(f"mvtec-{category}-{split_dir}-{defect_type}-{image_path.stem}")
                 items.append(SourceItem(key, image_path, mask_path, category, defect_type))
     if not items:

@@ -102,15 +102,19 @@ def reconstruction_summary(vae, images: torch.Tensor) -> dict:
 
 
 def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) -> None:
-    """The diffusers folder, model_index.json last (a folder holding it is complete)."""
+    """The diffusers folder, model_index.json last (a folder holding it is complete).
+
+    half stores the UNet and the VAE in fp16; the text encoder stays fp32 either way. A plain
+    `StableDiffusionPipeline.from_pretrained(out)` upcasts diffusers' models to fp32 but transformers
+    (5.x) keeps the text encoder's stored dtype, and an fp16 text encoder feeding an fp32 UNet fails at
+    the first call (Half and Float); it is the smallest of the three, so fp32 costs little."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
     if half:
-        with quiet_libraries():  # "modules to keep in float32: []": none, nothing to do
-            pipe.to(torch.float16)
+        unet, vae = unet.to(torch.float16), vae.to(torch.float16)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer,
+                                   unet=unet, scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_libraries():  # a "Writing model shards" bar per component
@@ -252,7 +256,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="autocast of the forward passes (default: the recipe's, auto: bf16 on CPUs with avx512_bf16 "
                         "or AMX, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16, half the size)")
+    p.add_argument("--fp32", action="store_true", help="save the UNet and VAE in fp32 (default: fp16, half the size; the text encoder is always fp32)")
     p.add_argument("--sample-steps", type=int, default=30, help="denoising steps of the sample grid")
     p.add_argument("--keep-state", action="store_true", help="keep OUT/train_state/ after finishing")
     p.add_argument("--no-progress", action="store_true")

@@ -215,6 +215,22 @@ def test_text2img_writes_folders_and_shards_and_resumes(trained_run, tmp_path, c
     assert "steps=2" in capsys.readouterr().err
 
 
+def test_layout_mvtec_also_writes_the_mvtec_tree(trained_run, tmp_path):
+    from defect_ds.data.mvtec import read_index
+
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--run", str(trained_run["run_dir"]), "--num-per-type", "1", "--steps", "1",
+                 "--category", "pill", "--layout", "mvtec", "--no-progress"]) == 0
+    rows = read_index(out / "mvtec")
+    assert sorted(r["key"] for r in rows) == sorted(_samples(out))
+    for row in rows:
+        folder = out / "samples" / row["key"]
+        assert row["image"] == f"pill/test/{row['key'].split('-')[0]}/000.png"
+        assert (np.asarray(Image.open(out / "mvtec" / row["mask"])) == _read(folder / "mask.png", "L")).all()
+        assert (np.asarray(Image.open(out / "mvtec" / row["image"])) == _read(folder / "image.png")).all()
+    assert (out / "mvtec" / "pill" / "train" / "good").is_dir()
+
+
 def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, tmp_path):
     """Masks and good images from a training-format shard; weights given as files, Euler scheduler."""
     import webdataset as wds

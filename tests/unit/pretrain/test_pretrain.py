@@ -40,11 +40,15 @@ def base(data, tmp_path_factory):
 def test_base_loads_in_stock_diffusers_and_draws(base):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    # no torch_dtype: the plain load a user writes (transformers keeps a stored fp16 text encoder fp16,
+    # which fails beside diffusers' fp32 UNet)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a pill", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
-    assert pipe.unet.dtype == torch.float32
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    # the UNet is still stored in fp16 (2 bytes a weight), only the text encoder is not
+    assert (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 3 * pipe.unet.num_parameters()
     stored = pipe.unet.config.in_channels
     assert stored == pipe.vae.config.latent_channels
 
