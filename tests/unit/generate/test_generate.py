@@ -215,6 +215,23 @@ def test_text2img_writes_folders_and_shards_and_resumes(trained_run, tmp_path, c
     assert "steps=2" in capsys.readouterr().err
 
 
+def test_a_full_disk_is_one_sentence_and_the_rerun_resumes(trained_run, tmp_path, capsys, full_disk):
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--num-per-type", "2", "--steps", "1",
+            "--batch-size", "1", "--no-progress"]
+    full_disk.fill(after_writes=1 + 2 * 4)  # generation.json, then two samples of 4 files each
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"defect-ds generate: error: No space left while writing {re.escape(str(out))}/samples/"
+                        r"\S+; nothing there was changed; the finished samples are kept, so free space and rerun "
+                        r"the same command to resume\.", err), err
+    assert len(_samples(out)) == 2 and not (out / "shards").exists()
+    full_disk.free()
+    assert main(args) == 0
+    assert "2 already written, 2 to go" in capsys.readouterr().out
+    assert len(_samples(out)) == 4 and (out / "shards" / "manifest.json").is_file()
+
+
 def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, tmp_path):
     """Masks and good images from a training-format shard; weights given as files, Euler scheduler."""
     import webdataset as wds
