@@ -96,6 +96,32 @@ def test_vae_stage_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_crash_while_saving_the_vae_leaves_nothing_that_fails_the_rerun(data, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(TOY))
+    out = tmp_path / "base"
+    args = ["pretrain-base", str(data), str(out), "--recipe", str(recipe), "--sample-steps", "1", "--no-progress"]
+    save = AutoencoderKL.save_pretrained
+
+    class Killed(Exception):
+        pass
+
+    def crash(self, folder, *a, **k):  # config written, weights cut short, then the process dies
+        save(self, folder, *a, **k)
+        next(Path(folder).glob("*.safetensors")).write_bytes(b"cut")
+        raise Killed
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", crash)
+    with pytest.raises(Killed):
+        main(args)
+    assert not (out / "train_state" / "vae").exists()  # no folder that looks saved
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (out / "model_index.json").is_file()
+
+
 def test_strokes_touch_only_some_images():
     images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
     out, drawn = stages.add_strokes(images, np.random.default_rng(0), 0.5)
