@@ -62,12 +62,37 @@ def write_export(out_dir: str | Path, *, meta: dict, lora_state: dict[str, torch
 
 
 def read_export_meta(export_dir: str | Path) -> dict:
-    """The export.json of an export folder: the one reader of the format `Exporter.meta` writes."""
+    """The export.json of an export folder: the one reader of the format `Exporter.meta` writes. The
+    fields generation acts on are checked here, so a hand-edited file is one sentence, not a traceback
+    or (mask_gating "no", a non-empty string) a setting silently taken the other way."""
     path = Path(export_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir} is not a defect-ds export (no {META_FILE}); pass a run's "
                                 "export folder such as runs/default/export.")
-    return json.loads(path.read_text())
+    fix = "restore the file the run wrote, or export again"
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); {fix}.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a {type(meta).__name__}, not an object of fields; {fix}.")
+    tokens = meta.get("tokens", {})
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
+        raise ValueError(f"{path}: tokens must map each defect type to its token, like {{\"crack\": \"sks_crack\"}}, "
+                         f"not {json.dumps(tokens)[:80]}; {fix}.")
+    if not isinstance(meta.get("mask_gating", True), bool):
+        raise ValueError(f"{path}: mask_gating is {meta['mask_gating']!r}; write true or false (JSON booleans, no "
+                         "quotes).")
+    if meta.get("mask_resize", "nearest") not in ("nearest", "max"):
+        raise ValueError(f"{path}: mask_resize is {meta['mask_resize']!r}; write \"nearest\" or \"max\".")
+    resolution = meta.get("resolution_px")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8):
+        raise ValueError(f"{path}: resolution_px is {resolution!r}; write the run's resolution in pixels, such as "
+                         "512.")
+    for field in ("base_model", "unet_mode"):
+        if not isinstance(meta.get(field, ""), str):
+            raise ValueError(f"{path}: {field} is {meta[field]!r}, not a string; {fix}.")
+    return meta
 
 
 def find_export(path: str | Path) -> Path:

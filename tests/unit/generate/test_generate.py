@@ -350,6 +350,25 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     assert json.loads((out / "generation.json").read_text())["steps"] == 1
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: [meta], "holds a list, not an object of fields"),
+    (lambda meta: {**meta, "tokens": ["sks_scratch", "sks_stain"]}, "tokens must map each defect type to its token"),
+    (lambda meta: {**meta, "mask_gating": "no"}, "mask_gating is 'no'; write true or false"),
+    (lambda meta: "{not json", "is not readable JSON"),
+])
+def test_a_hand_edited_export_json_is_one_sentence(trained_run, tmp_path, capsys, edit, message):
+    export = tmp_path / "export"
+    shutil.copytree(trained_run["run_dir"] / "export", export)
+    meta = edit(json.loads((export / "export.json").read_text()))
+    (export / "export.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--run", str(export), "--num-per-type", "1", "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"defect-ds generate: error: {export / 'export.json'}") and message in err, err
+    assert "\n" not in err and not out.exists()
+
+
 def test_file_masks_keep_off_centre_defects_and_skip_empty_ones(tmp_path, caplog):
     from defect_ds.data.reader import load_mask_pool
 

@@ -155,3 +155,24 @@ def test_auto_precision_is_recorded_as_what_it_resolved_to(base):
     recipe = json.loads((base / "recipe.json").read_text())
     assert recipe["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert BaseRecipe().precision == "auto"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("unet_attention", ["no", False], "a list of booleans"),  # "no" is a true string: silently on
+    ("vae_steps", "3", "an integer"),
+    ("seed", True, "an integer"),
+])
+def test_recipe_fields_of_the_wrong_json_type_are_one_sentence(tmp_path, data, capsys, field, value, words):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**TOY, field: value}))
+    assert main(["pretrain-base", str(data), str(tmp_path / "out"), "--recipe", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"defect-ds pretrain-base: error: Recipe {recipe} field {field}={value!r} has the wrong type: "
+                   f"write {words}.")
+    assert not (tmp_path / "out").exists()
+    assert BaseRecipe.from_file(_written(tmp_path / "ok.json", {**TOY, "vae_learning_rate": 1})).vae_learning_rate == 1
+
+
+def _written(path: Path, recipe: dict) -> Path:
+    path.write_text(json.dumps(recipe))
+    return path
