@@ -369,6 +369,39 @@ def test_a_hand_edited_export_json_is_one_sentence(trained_run, tmp_path, capsys
     assert "\n" not in err and not out.exists()
 
 
+def test_weights_of_the_wrong_shape_name_the_file_and_the_shape_expected(trained_run, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    from safetensors.torch import save_file
+
+    lora_state = dict(trained_run["lora_state"])
+    down = next(k for k in lora_state if k.endswith("to_q.lora.down.weight"))
+    rank, width = lora_state[down].shape
+    lora_state[down] = torch.zeros(rank, width * 2)  # a LoRA of a wider base model
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(lora_state, str(lora))
+    embeds = tmp_path / "embeds"
+    embeds.mkdir()
+    save_file({"sks_scratch": torch.zeros(VECTORS, width + 1)}, str(embeds / "sks_scratch.safetensors"))
+    good_embeds = trained_run["run_dir"] / "export" / "learned_embeds"
+    base = ["--base-model", str(tiny_model_dir), "--num-per-type", "1", "--steps", "1", "--no-progress"]
+    assert main(["generate", str(tmp_path / "a"), "--lora", str(lora), "--embeddings", str(good_embeds), *base]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"defect-ds generate: error: {lora}: {down} has shape ({rank}, {2 * width}), but the base model's layer "
+        f"{down[:-len('.lora.down.weight')]} takes (rank, {width}); pass a LoRA trained on this base model.")
+    assert main(["generate", str(tmp_path / "b"), "--embeddings", str(embeds), *base]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"defect-ds generate: error: {embeds / 'sks_scratch.safetensors'} holds 'sks_scratch' of shape ({VECTORS}, "
+        f"{width + 1}), but the base model's text encoder takes vectors of {width} values, shape (vectors, {width}); "
+        "pass embeddings trained on this base model.")
+    export = tmp_path / "export"  # the same checks guard an export folder
+    shutil.copytree(trained_run["run_dir"] / "export", export)
+    shutil.copy(lora, export / "pytorch_lora_weights.safetensors")
+    assert main(["generate", str(tmp_path / "c"), "--run", str(export), "--num-per-type", "1", "--steps", "1",
+                 "--no-progress"]) == 2
+    assert f"takes (rank, {width})" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
 def test_file_masks_keep_off_centre_defects_and_skip_empty_ones(tmp_path, caplog):
     from defect_ds.data.reader import load_mask_pool
 
