@@ -28,10 +28,12 @@ LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is t
 
 def is_disk_full(error: BaseException, where: str | Path | None = None) -> bool:
     """Whether a write failed on a full disk or quota. Some writers hide the errno (torch's zip writer says
-    "file write failed", safetensors a bare I/O error): given `where`, low free space there counts too."""
+    "file write failed", safetensors a bare I/O error): for their errors, given `where`, low free space
+    there counts too."""
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
         return True
-    if where is None:
+    writer_error = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    if where is None or not writer_error:
         return False
     folder = Path(where)
     while not folder.exists() and folder != folder.parent:
