@@ -15,6 +15,7 @@ from defect_ds.generate import mask_model
 from defect_ds.model import tiny
 from defect_ds.perf import sweep
 from defect_ds.pretrain import cli as pretrain_cli
+from defect_ds.utils.files import DiskFullError, is_disk_full
 
 # Each adds its subcommand(s) to the parser; each subcommand sets `func(args) -> int | None`.
 COMMANDS = (tiny.add_command, prepare.add_command, pretrain_cli.add_command, generate_cli.add_command,
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "user_facing", True):
             raise
         print(f"defect-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        # the atomic writers name the file (DiskFullError); any other write names what the OS said
+        where = getattr(e, "filename", None)
+        message = str(e) if isinstance(e, DiskFullError) else (
+            f"No space left on the disk{f' holding {where}' if where else ''}; free space and rerun.")
+        print(f"defect-ds {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -28,6 +28,7 @@ from defect_ds.downstream.compare import compare
 from defect_ds.downstream.runner import ArmData, Outcome, SegmenterSettings, default_workers, run_jobs
 from defect_ds.downstream.split import SPLIT_FILE, split_dataset
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
+from defect_ds.utils.files import atomic_write_json
 
 GRID_PER_TYPE = 2
 # the segmenter's defaults, chosen by benchmarks/segmenter.py on validation images of an independent draw,
@@ -233,7 +234,7 @@ def run_eval(args: argparse.Namespace) -> int:
     grid_predictions = {arm: grid_predictions[arm] for arm in arms}
     results["comparisons"] = compare(evidence_by_arm, test.types, resamples=args.resamples)
     results["environment"] = environment()  # the load average after the work it describes
-    (out / "downstream.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / "downstream.json", results, sort_keys=True)
     report.write_markdown(results, out / "downstream.md")
     report.write_bar_plot(results, out / "downstream.png")
     report.write_prediction_grid(test.images[grid_rows], test.masks[grid_rows], grid_predictions,

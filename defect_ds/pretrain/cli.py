@@ -23,11 +23,13 @@ from defect_ds.data.sample import GOOD
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
 from defect_ds.utils.device import cpu_has_native_bf16
+from defect_ds.utils.files import atomic_folder, atomic_write_json, atomic_write_text, disk_full_as_sentence
 from defect_ds.utils.quiet import quiet_libraries
 from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 
 STATE = "train_state"
+RESUME_ADVICE = "free space and rerun the same command to resume"
 SAMPLE_SEEDS = 4
 
 
@@ -117,7 +119,7 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
                                    feature_extractor=None, requires_safety_checker=False)
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_libraries():  # a "Writing model shards" bar per component
+    with quiet_libraries(), disk_full_as_sentence(out, RESUME_ADVICE):  # a "Writing model shards" bar each
         pipe.save_pretrained(tmp, safe_serialization=True)
     for part in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / part.name
@@ -148,8 +150,8 @@ def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
         rows.append(images)
     path = out / "samples.png"
     save_image(make_grid(torch.cat(rows), nrow=SAMPLE_SEEDS, padding=2), path)
-    (out / "samples.json").write_text(json.dumps({"rows": prompts, "seeds_per_row": SAMPLE_SEEDS,
-                                                  "steps": steps, "guidance_scale": 3.0}, indent=2))
+    atomic_write_json(out / "samples.json", {"rows": prompts, "seeds_per_row": SAMPLE_SEEDS, "steps": steps,
+                                             "guidance_scale": 3.0})
     return path
 
 
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if saved.is_file() and json.loads(saved.read_text()) != recipe_record:
         raise ValueError(f"{out} holds an unfinished run with another recipe ({saved}); resume with the same "
                          "settings, or choose another OUT.")
-    saved.write_text(json.dumps(recipe_record, indent=2, sort_keys=True))
+    atomic_write_json(saved, recipe_record, sort_keys=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = Progress(out, enabled=not args.no_progress)
@@ -202,12 +204,13 @@ def run(args: argparse.Namespace) -> int:
         mean, std = stages.encode(vae, train_images)
         # the UNet expects unit-variance latents; SD's 0.18215 fits SD's VAE only
         vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))
-        vae.save_pretrained(vae_dir)
+        with atomic_folder(vae_dir, advice=RESUME_ADVICE) as tmp:  # a vae/ that exists is complete: a crash
+            vae.save_pretrained(tmp)  # while saving would otherwise leave one that fails every rerun
     vae.eval()
     progress.close_bar()
     recon = {"train": reconstruction_summary(vae, train_images), "val": reconstruction_summary(vae, val_images),
              "scaling_factor": vae.config.scaling_factor}
-    (out / "reconstruction.json").write_text(json.dumps(recon, indent=2))
+    atomic_write_json(out / "reconstruction.json", recon)
     progress.info(f"vae: val PSNR {recon['val']['psnr_db_mean']} dB, scaling factor {vae.config.scaling_factor}")
 
     from diffusers import DDPMScheduler
@@ -226,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))
     progress.close_bar()
     write_pipeline(out, vae, text_encoder, tokenizer, unet, half=not args.fp32)
-    (out / "recipe.json").write_text(saved.read_text())
+    atomic_write_text(out / "recipe.json", saved.read_text())
     grid = write_sample_grid(out, train_captions, steps=args.sample_steps)
     progress.info(f"wrote {out} (sample grid {grid})")
     progress.close()

@@ -79,6 +79,34 @@ class BaseRecipe:
         if unknown:
             raise ValueError(f"Recipe {path} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        defaults = cls()
+        for name, value in values.items():
+            default = getattr(defaults, name)
+            items = zip(value, [default[0]] * len(value)) if isinstance(default, tuple) and isinstance(value, tuple) \
+                else [(value, default)]
+            for item, like in items:
+                if not _same_kind(item, like):  # a quoted "no" would otherwise be a true bool
+                    raise ValueError(f"Recipe {path} field {name}={data[name]!r} has the wrong type: write "
+                                     f"{_kind_words(default)}.")
         recipe = cls(**values)
         recipe.validate()
         return recipe
+
+
+def _same_kind(value, like) -> bool:
+    """JSON's types as the recipe's defaults use them: a bool is no number, an int is a float."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(like))
+
+
+KINDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+         str: ("a string", "strings"), dict: ("an object", "objects")}
+
+
+def _kind_words(default) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {KINDS[type(default[0])][1]}"
+    return KINDS[type(default)][0]

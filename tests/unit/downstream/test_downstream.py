@@ -149,6 +149,21 @@ def test_eval_writes_every_report(split_dir, tmp_path):
     assert (out / "downstream.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
 
 
+def test_eval_on_a_full_disk_keeps_the_old_results_and_says_so_in_one_sentence(split_dir, tmp_path, capsys,
+                                                                               full_disk):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "downstream.json").write_text('{"old": true}\n')
+    full_disk.fill()  # nothing is written before the results; they are larger than 4096 bytes
+    assert main(["downstream", "eval", str(split_dir), str(out), "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--resolution-px", "32", "--workers", "1", "--resamples", "100", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"defect-ds downstream: error: No space left while writing {out / 'downstream.json'}; nothing "
+                   "there was changed; free space and rerun.")
+    assert json.loads((out / "downstream.json").read_text()) == {"old": True}  # not cut at 4096 bytes
+    assert sorted(p.name for p in out.iterdir()) == ["downstream.json"]
+
+
 def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
     gen = tmp_path / "gen"
     shutil.copytree(split_dir / "test", gen)
