@@ -28,6 +28,7 @@ import numpy as np
 from defect_ds.downstream.arms import ArmSampler, Pairs
 from defect_ds.downstream.compare import Evidence, evidence
 from defect_ds.downstream.scores import score_by_type
+from defect_ds.utils.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,11 @@ def _cached(cache: Path | None, arm: str, seed: int) -> Path | None:
 
 
 def _keep(path: Path | None, outcome: Outcome) -> None:
-    if path is None:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(outcome))
-    os.replace(tmp, path)
+    """Written whole or not at all; a full disk stops the evaluation here, at its first segmenter, in one
+    sentence, rather than after every segmenter has trained."""
+    if path is not None:
+        atomic_write_bytes(path, pickle.dumps(outcome), advice="free space and rerun; the segmenters kept "
+                                                               "so far are reused")
 
 
 def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: SegmenterSettings, *, workers: int,

@@ -83,8 +83,8 @@ def atomic_file(path: str | Path, mode: str = "w", advice: str = "free space and
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path, "wb") as f:
+def atomic_write_bytes(path: str | Path, data: bytes, advice: str = "free space and rerun") -> Path:
+    with atomic_file(path, "wb", advice) as f:
         f.write(data)
     return Path(path)
 

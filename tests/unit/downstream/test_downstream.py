@@ -3,6 +3,7 @@ scikit-learn's on the right pixels, and bad input gets one sentence."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -154,14 +155,21 @@ def test_eval_on_a_full_disk_keeps_the_old_results_and_says_so_in_one_sentence(s
     out = tmp_path / "eval"
     out.mkdir()
     (out / "downstream.json").write_text('{"old": true}\n')
-    full_disk.fill()  # nothing is written before the results; they are larger than 4096 bytes
+    full_disk.fill()  # the first write is the first scored segmenter's, kept for a resume
     assert main(["downstream", "eval", str(split_dir), str(out), "--seeds", "2", "--steps", "1", "--batch-size", "4",
                  "--resolution-px", "32", "--workers", "1", "--resamples", "100", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"defect-ds downstream: error: No space left while writing {out / 'downstream.json'}; nothing "
-                   "there was changed; free space and rerun.")
+    assert re.fullmatch(rf"defect-ds downstream: error: No space left while writing {re.escape(str(out))}/segmenters/"
+                        r"\w+/real-seed0\.pkl; nothing there was changed; free space and rerun; the segmenters kept "
+                        r"so far are reused\.", err), err
+    assert json.loads((out / "downstream.json").read_text()) == {"old": True}
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["downstream.json"]
+    full_disk.fill(after_writes=4)  # four segmenters kept, then the results (over 4096 bytes) meet a full disk
+    assert main(["downstream", "eval", str(split_dir), str(out), "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--resolution-px", "32", "--workers", "1", "--resamples", "100", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"writing {out / 'downstream.json'}; nothing there was changed; "
+                                                    "free space and rerun.")
     assert json.loads((out / "downstream.json").read_text()) == {"old": True}  # not cut at 4096 bytes
-    assert sorted(p.name for p in out.iterdir()) == ["downstream.json"]
 
 
 def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
