@@ -134,9 +134,10 @@ def train_mask_model(data: str, out_dir: str | Path, *, resolution_px: int = 64,
 def one_cycle(optimizer: torch.optim.Optimizer, learning_rate: float, steps: int):
     """Warm-up over 5% of the steps, then cosine decay (torch's OneCycleLR). Its warm-up must span at least
     two steps (at 20 steps, 5% is one and the schedule divides by zero), so short runs warm up over two;
-    runs under three steps have no room for either phase and keep the rate constant."""
+    runs under three steps have no room for either phase and stay at OneCycleLR's starting rate (1/25 of the
+    peak), as they did before it divided by zero."""
     if steps < 3:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / 25)
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
                                                pct_start=max(0.05, 2 / steps))
 
