@@ -2,9 +2,11 @@
 #   make demo   virtual environment + install (once), then the whole job on the embedded default: the
 #               synthetic data split into few shots and a test set, masked LoRA + tokens fine-tuned on the
 #               shots under DeepSpeed from the shipped base (models/tiny-defect-base), defects inpainted
-#               into good images, and the downstream benchmark with all four arms
+#               into good images, and the downstream benchmark: five arms, DEMO_SEEDS segmenter seeds each
+#   make benchmark-downstream   the same five arms with 8 seeds each, on the demo's pairs (after make demo)
 #   make test   the test suite (fast unit tests and CPU integration runs)
-#   make base   re-trains models/tiny-defect-base from scratch (30-45 minutes on 2 CPU cores)
+#   make base   re-trains models/tiny-defect-base from scratch (42 minutes on 2 quiet CPU cores with the
+#               v1 set; the v2 base took longer beside other work, docs/base_model.md)
 #   make upgrade  re-resolves the dependencies within setup.cfg's ranges in a throw-away environment,
 #               runs the suite there, and rewrites constraints.txt only if it passes
 # Installs use the exact versions in constraints.txt; re-running installs nothing again unless
