@@ -11,23 +11,26 @@ import torch
 
 from defect_ds.config import LoggingConfig
 from defect_ds.model.mask_gating import set_mask
+from defect_ds.train.checkpoint import tag_for
+from defect_ds.train.state import TrainState
 
 
 class SampleGrids:
     """Renders `run_dir/samples/step-NNNNNNN.png` from the engine's module (a DefectDiffusionModel)."""
 
-    def __init__(self, cfg: LoggingConfig, out_dir: Path, *, resolution_px: int, seed: int, is_main: bool):
-        self.cfg, self.out_dir = cfg, out_dir
+    def __init__(self, cfg: LoggingConfig, model, out_dir: Path, *, resolution_px: int, seed: int, is_main: bool):
+        self.cfg, self.model, self.out_dir = cfg, model, out_dir
         self.resolution_px, self.seed, self.is_main = resolution_px, seed, is_main
 
-    def path(self, tag: str) -> Path:
-        return self.out_dir / f"{tag}.png"
+    def path(self, step: int) -> Path:
+        return self.out_dir / f"{tag_for(step)}.png"
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.sample_every_steps) and step % self.cfg.sample_every_steps == 0
 
-    def render(self, model, tag: str) -> None:
+    def run(self, step: int, state: TrainState) -> None:
         """Every rank renders (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+        model = self.model
         prompts = self.cfg.sample_prompts or [f"a photo with {t}" for t in model.tokens] or ["a photo of a defect"]
         dtype = model.compute_dtype
         # frozen weights are stored in the compute dtype: the pipeline runs under the same autocast
@@ -35,7 +38,7 @@ class SampleGrids:
             render_sample_grid(model.unet, model.text_encoder, model.vae, model.tokenizer, model.noise_scheduler,
                                [model.prompt_text(p) for p in prompts], resolution_px=self.resolution_px,
                                steps=self.cfg.sample_steps, seed=self.seed, mask_gating=model.mask_gating,
-                               out_path=self.path(tag) if self.is_main else None)
+                               out_path=self.path(step) if self.is_main else None)
         model.unet.train()
 
 
