@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.data.sample import GOOD
+from defect_ds.model.sampling import assemble_pipeline, generate, load_pipeline, set_scheduler
+from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
 from defect_ds.utils.quiet import quiet_libraries
-from defect_ds.data.reader import iter_dataset, load_rgb
-from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 
 STATE = "train_state"
 SAMPLE_SEEDS = 4
@@ -102,11 +103,9 @@ def reconstruction_summary(vae, images: torch.Tensor) -> dict:
 
 def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) -> None:
     """The diffusers folder, model_index.json last (a folder holding it is complete)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, DDPMScheduler(**SCHEDULER))
     if half:
         with quiet_libraries():  # "modules to keep in float32: []": none, nothing to do
             pipe.to(torch.float16)
@@ -125,22 +124,15 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
 @torch.no_grad()
 def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
     """One row per distinct caption, SAMPLE_SEEDS samples each, drawn by the saved pipeline."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from torchvision.utils import make_grid, save_image
 
     with quiet_libraries():
-        pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
-                                                       requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(out)
+    set_scheduler(pipe, "dpm++")
     prompts = sorted(set(captions))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    rows = []
-    for prompt in prompts:
-        gen = torch.Generator().manual_seed(0)
-        images = pipe([prompt] * SAMPLE_SEEDS, num_inference_steps=steps, guidance_scale=3.0, generator=gen,
-                      height=size, width=size, output_type="pt").images
-        rows.append(images)
+    rows = [generate(pipe, [prompt] * SAMPLE_SEEDS, resolution_px=size, steps=steps, seed=0, guidance_scale=3.0)
+            for prompt in prompts]
     path = out / "samples.png"
     save_image(make_grid(torch.cat(rows), nrow=SAMPLE_SEEDS, padding=2), path)
     (out / "samples.json").write_text(json.dumps({"rows": prompts, "seeds_per_row": SAMPLE_SEEDS,
