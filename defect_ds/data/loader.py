@@ -16,9 +16,6 @@ resumed epoch (`skip_batches=k`) yields exactly batches k, k+1, ... of an uninte
    VAE posterior come from a hash of (seed, epoch, key, copy), not from a global RNG. A bad sample is
    replaced by a good one of the same batch (data.bad_sample_policy=warn, counted) or raises naming it
    (fail): batches stay full.
-
-    python -c "from defect_ds.config import DataConfig; from defect_ds.data.loader import build_loader; \
-print(next(iter(build_loader(DataConfig(), micro_batch_size=2, rank=0, world_size=1, seed=0, epoch=0)))['mask'].shape)"
 """
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
 """Pictures and a short markdown report: sample grids with mask overlays, and the metric table.
-
-    python -c "from defect_ds.evaluate.report import save_sample_grid; save_sample_grid('out/gen/samples', 'grid.png')"
 """
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """The diffusers pipeline of `defect-ds generate`: trained weights loaded, one batch denoised.
 
-    python -c "from defect_ds.generate.pipeline import build_pipeline; print(build_pipeline(run='runs/default')[1])"
-
 Two modes. text2img: the prompt with the defect's learned token and a mask draw a whole new image;
 the mask gates the LoRA, so the fine-tuned defect appears there. inpaint: a defect is painted into
 a given good image; the latents outside the mask's latent cells are held to the source's while

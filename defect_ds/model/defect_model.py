@@ -1,7 +1,8 @@
 """The model a run trains, built from its config sections, and the diffusion loss of one batch.
 
     python -c "from defect_ds.config import RunConfig as R; from defect_ds.model.defect_model import build_model; \\
-c = R(); print(build_model(c.model, c.lora, c.textual_inversion, c.loss, tokens=[]))"
+c = R(); c.model.pretrained_dir = 'models/tiny-defect-base'; \\
+print(build_model(c.model, c.lora, c.textual_inversion, c.loss, tokens=[]).mask_gating)"
 
 `DefectDiffusionModel` is what the DeepSpeed engine wraps: the UNet (with LoRA) and the text encoder
 (with learned tokens). Its `loss` holds the whole objective, as the model classes of

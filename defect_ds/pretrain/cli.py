@@ -21,6 +21,7 @@ import torch
 
 from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.data.sample import GOOD
+from defect_ds.model.components import tokenize
 from defect_ds.model.sampling import assemble_pipeline, generate, load_pipeline, set_scheduler
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 from defect_ds.pretrain import stages
@@ -203,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = stages.build_text_encoder(recipe, tokenizer)
     scheduler = DDPMScheduler(**SCHEDULER)
     sf = vae.config.scaling_factor
-    train_set = stages.LatentSet(vae, train_images, stages.token_ids(tokenizer, train_captions), sf)
-    val_set = stages.LatentSet(vae, val_images, stages.token_ids(tokenizer, val_captions), sf)
-    empty = stages.token_ids(tokenizer, [""])[0]
+    train_set = stages.LatentSet(vae, train_images, tokenize(tokenizer, train_captions), sf)
+    val_set = stages.LatentSet(vae, val_images, tokenize(tokenizer, val_captions), sf)
+    empty = tokenize(tokenizer, [""])[0]
     unet, text_encoder = stages.train_unet(
         train_set, val_set, empty, unet, text_encoder, scheduler, recipe, state_dir / "unet.pt",
         progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))

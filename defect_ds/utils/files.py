@@ -1,7 +1,7 @@
 """Folders that appear complete or not at all: written under a temporary name, then renamed.
 
-    python -c "from defect_ds.utils.files import atomic_folder; import pathlib; \\
-with atomic_folder(pathlib.Path('/tmp/x')) as tmp: (tmp / 'a').write_text('a')"
+    python -c "from defect_ds.utils.files import atomic_folder; import pathlib, tempfile
+with atomic_folder(pathlib.Path(tempfile.mkdtemp()) / 'x') as tmp: (tmp / 'a').write_text('a')"
 """
 from __future__ import annotations
 
