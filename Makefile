@@ -5,30 +5,43 @@
 #               into good images, and the downstream benchmark with all four arms
 #   make test   the test suite (fast unit tests and CPU integration runs)
 #   make base   re-trains models/tiny-defect-base from scratch (30-45 minutes on 2 CPU cores)
-# Re-running either installs nothing again unless setup.cfg changed.
+#   make upgrade  re-resolves the dependencies within setup.cfg's ranges in a throw-away environment,
+#               runs the suite there, and rewrites constraints.txt only if it passes
+# Installs use the exact versions in constraints.txt; re-running installs nothing again unless
+# setup.cfg or constraints.txt changed.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WORK   ?= work
-# torch 2.14.1 / torchvision 0.29.1 are the builds this machine carries; override on other machines.
+# torch 2.14.1 / torchvision 0.29.1 are the builds this machine carries, pinned in constraints.txt too;
+# on other machines override both: make install TORCH_PINS='torch==X torchvision==Y' CONSTRAINTS=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+CONSTRAINTS ?= constraints.txt
+PIP_C  := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 NUM_PROCS ?= 2
 BASE   ?= models/tiny-defect-base
 RUN    ?= runs/default
+ALL_ARMS   := real,copy-paste,generated,real+generated,copy-paste+generated
+DEMO_ARMS  ?= $(ALL_ARMS)
+DEMO_SEEDS ?= 2
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench-cpu clean-demo base
+.PHONY: install upgrade demo test test-fast bench-cpu clean-demo base benchmark-downstream
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(TORCH_PINS) $(PIP_C)
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PIP_C)
 	touch $(STAMP)
+
+# no stamp: the new environment is a temporary one, never .venv
+upgrade:
+	$(PYTHON) tools/upgrade_constraints.py --torch '$(TORCH_PINS)'
 
 $(WORK)/tiny-sd/model_index.json: | $(STAMP)
 	$(BIN)/defect-ds make-tiny-model $(WORK)/tiny-sd
@@ -45,16 +58,21 @@ $(WORK)/downstream/shots-latents/manifest.json: $(WORK)/downstream/split.json | 
 
 # --log_level error: the launcher's info lines and its "no hostfile" notice (one machine: nothing to act on)
 # stay off; a rank that fails is still reported.
-# guidance 6: with 3, one of two segmenter seeds of the real+generated arm collapsed (pixel AP 0.23);
-# with 6 and every latent cell a mask touches, both held (docs/downstream.md, Recognisability)
+# DEMO_SEEDS segmenter seeds per arm keep the demo near 15 minutes on 2 cores; `make benchmark-downstream`
+# scores every arm with 8 seeds on the same pairs (docs/downstream.md)
 demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/manifest.json
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --log_level error --num_gpus $(NUM_PROCS) train.py --config configs/default.toml \
 	  --checkpoint.resume=latest
 	$(BIN)/defect-ds generate $(WORK)/generated --run $(RUN) --mode inpaint --sources $(WORK)/downstream/shots \
 	  --masks augmented --data $(WORK)/downstream/shots --num-per-type 24 --steps 20 --guidance-scale 6
-	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream --arms real,copy-paste,generated,real+generated \
-	  --generated $(WORK)/generated --seeds 4 --width 8
+	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream --arms $(DEMO_ARMS) \
+	  --generated $(WORK)/generated --seeds $(DEMO_SEEDS)
 	@echo "run: $(RUN)   generated pairs: $(WORK)/generated (grid.png)   does it help: $(RUN)/downstream/downstream.md"
+
+# every arm, 8 segmenter seeds, on the demo's split and generated pairs (run `make demo` first); resumable
+benchmark-downstream: $(STAMP)
+	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream-8-seeds --arms $(ALL_ARMS) \
+	  --generated $(WORK)/generated --seeds 8
 
 $(WORK)/data/base/manifest.json: | $(STAMP)
 	$(BIN)/defect-ds prepare synthetic $(WORK)/data/base --resolution-px 64 --good-per-category 400 --per-defect 0 --seed 1

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from defect_ds.train.distributed import init_distributed, lost_peer
     from defect_ds.train.monitors import TrainingDiverged
     from defect_ds.train.trainer import Trainer
+    from defect_ds.utils.files import DiskFullError
 
     dist_info = init_distributed(cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, dist_info, inputs)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         trainer.train()
     except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError,
-            CheckpointWriteError) as e:
+            CheckpointWriteError, DiskFullError) as e:
         # one rank's error ends this process; the launcher then stops the others, and a rank on
         # another node waiting in a collective gives up after train.collective_timeout_s
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Chooses the downstream segmenter's size and steps on the shots' side only, never on test images.
 
-    python benchmarks/segmenter.py work/downstream work/downstream-val --configs 8x300,16x300,32x300
+    python benchmarks/segmenter.py work/downstream work/downstream-val --configs 8x300,8x300:ema=0.99,16x300
 
-Each config (WIDTHxSTEPS) trains the `real` and `copy-paste` arms on the shots of SPLIT with SEEDS seeds
+Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N) trains the `real` and `copy-paste` arms on the shots of SPLIT with SEEDS seeds
 and scores them on VALIDATION: the test side of a split of an independent draw of the same data set (for
 the synthetic set, `defect-ds prepare synthetic --seed 2`), standing in for the user's own validation
 images. Reported per config: each arm's per-seed pixel AP, its spread and worst seed (a collapse shows
@@ -12,6 +12,7 @@ A bigger net is worth its time only while it changes that difference. Writes seg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -26,12 +27,25 @@ from defect_ds.downstream.runner import ArmData, SegmenterSettings, default_work
 ARMS = ("real", "copy-paste")
 
 
+def parse_config(config: str, batch_size: int) -> SegmenterSettings:
+    """"8x300:ema=0.99:lr=1e-3:batch=16" -> SegmenterSettings (width 8, 300 steps, ...)."""
+    size, *options = config.split(":")
+    width, steps = (int(v) for v in size.split("x"))
+    extra = dict(option.split("=") for option in options)
+    unknown = set(extra) - {"ema", "lr", "batch"}
+    if unknown:
+        raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr or batch.")
+    return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width,
+                             learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("split", help="the split whose shots train the segmenters (`defect-ds downstream split`)")
     p.add_argument("validation", help="a split of an independent draw; its test side scores them")
-    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS")
+    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N]")
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--arms", default=",".join(ARMS), help="real, copy-paste or both (the difference needs both)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--out", default="benchmarks/results")
@@ -41,24 +55,28 @@ def main() -> int:
     split, val = Path(args.split), Path(args.validation)
     data = ArmData(load_pairs(split / "shots", size, defects=True),
                    load_pairs(split / "shots", size, defects=False).images, {}, load_test(val / "test", size))
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if not arms or set(arms) - set(ARMS):
+        raise SystemExit(f"--arms takes {', '.join(ARMS)} (got {args.arms!r}).")
     results = {"settings": vars(args), "configs": {}}
     for config in args.configs.split(","):
-        width, steps = (int(v) for v in config.split("x"))
-        per_seed = {a: [None] * args.seeds for a in ARMS}
-        evidence_by = {a: [None] * args.seeds for a in ARMS}
+        settings = parse_config(config, args.batch_size)
+        per_seed = {a: [None] * args.seeds for a in arms}
+        evidence_by = {a: [None] * args.seeds for a in arms}
 
         def done(o) -> None:
             per_seed[o.arm][o.seed], evidence_by[o.arm][o.seed] = o.scores, o.evidence
 
         started = time.time()
-        run_jobs([(a, s) for s in range(args.seeds) for a in ARMS], data,
-                 SegmenterSettings(steps, args.batch_size, width), workers=args.workers, grid_rows=[], on_done=done)
+        run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
+                 settings, workers=args.workers, grid_rows=[], on_done=done)
         seconds = time.time() - started
-        diff = [c for c in compare(evidence_by, data.test.types, baselines=("real",), metrics=("pixel_ap",))
-                if c["type"] == "all"][0]
-        record = {"seconds_per_segmenter": round(seconds * args.workers / (len(ARMS) * args.seeds), 1),
+        diff = ([c for c in compare(evidence_by, data.test.types, baselines=("real",), metrics=("pixel_ap",))
+                 if c["type"] == "all"][0] if len(arms) == 2 else None)
+        record = {"settings": dataclasses.asdict(settings),
+                  "seconds_per_segmenter": round(seconds * args.workers / (len(arms) * args.seeds), 1),
                   "copy_paste_minus_real": diff, "arms": {}}
-        for a in ARMS:
+        for a in arms:
             ap = np.array([s["all"]["pixel_ap"] for s in per_seed[a]])
             record["arms"][a] = {"pixel_ap": ap.round(4).tolist(), "mean": round(float(ap.mean()), 4),
                                  "std": round(float(ap.std()), 4), "worst": round(float(ap.min()), 4),
@@ -75,13 +93,13 @@ def main() -> int:
              f"Shots: {split}/shots; validation: {val}/test ({len(data.test)} images); {args.seeds} seeds, batch "
              f"{args.batch_size}, {args.workers} workers of one thread. Device: {results['environment']['device']}, "
              f"load average {'/'.join(f'{x:.2f}' for x in results['environment']['load_average'])} at the end.", "",
-             "| width x steps | real: mean ± std (worst) | copy-paste: mean ± std (worst) | copy-paste − real [95%] "
-             "| s per segmenter |", "|---|---|---|---|---|"]
+             "| config | " + " | ".join(f"{a}: pixel AP mean ± std (worst seed)" for a in arms)
+             + " | copy-paste − real [95%] | s per segmenter |", "|---" * (len(arms) + 3) + "|"]
     for config, r in results["configs"].items():
-        cells = [f"{r['arms'][a]['mean']:.3f} ± {r['arms'][a]['std']:.3f} ({r['arms'][a]['worst']:.3f})" for a in ARMS]
+        cells = [f"{r['arms'][a]['mean']:.3f} ± {r['arms'][a]['std']:.3f} ({r['arms'][a]['worst']:.3f})" for a in arms]
         d = r["copy_paste_minus_real"]
-        lines.append(f"| {config} | {cells[0]} | {cells[1]} | {d['difference']:+.3f} [{d['ci_low']:+.3f}, "
-                     f"{d['ci_high']:+.3f}] | {r['seconds_per_segmenter']} |")
+        difference = f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "-"
+        lines.append(f"| {config} | {' | '.join(cells)} | {difference} | {r['seconds_per_segmenter']} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.{{json,md}}")
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from defect_ds.data import prepare
+from defect_ds.data import mvtec, prepare
 from defect_ds.downstream import cli as downstream_cli
 from defect_ds.evaluate import cli as evaluate_cli
 from defect_ds.generate import cli as generate_cli
@@ -15,10 +15,12 @@ from defect_ds.generate import mask_model
 from defect_ds.model import tiny
 from defect_ds.perf import sweep
 from defect_ds.pretrain import cli as pretrain_cli
+from defect_ds.utils.files import DiskFullError, is_disk_full
 
 # Each adds its subcommand(s) to the parser; each subcommand sets `func(args) -> int | None`.
 COMMANDS = (tiny.add_command, prepare.add_command, pretrain_cli.add_command, generate_cli.add_command,
-            mask_model.add_command, evaluate_cli.add_command, downstream_cli.add_command, sweep.add_command)
+            mvtec.add_command, mask_model.add_command, evaluate_cli.add_command, downstream_cli.add_command,
+            sweep.add_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "user_facing", True):
             raise
         print(f"defect-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        # the atomic writers name the file (DiskFullError); any other write names what the OS said
+        where = getattr(e, "filename", None)
+        message = str(e) if isinstance(e, DiskFullError) else (
+            f"No space left on the disk{f' holding {where}' if where else ''}; free space and rerun.")
+        print(f"defect-ds {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

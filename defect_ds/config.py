@@ -388,4 +388,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    from defect_ds.utils.files import atomic_write_json
+
+    atomic_write_json(path, config.to_dict())

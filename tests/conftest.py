@@ -46,3 +46,69 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class FullDisk:
+    """A disk that fills up: after `after_writes` successful writes, each write through the atomic helpers
+    (`defect_ds.utils.files`) or Path.write_bytes/write_text puts its first 4096 bytes down and then fails
+    with ENOSPC, as a real full disk cuts a file."""
+
+    CUT_BYTES = 4096
+
+    def __init__(self):
+        self.patch = pytest.MonkeyPatch()
+        self.left = None  # writes that still succeed; None: the disk has room
+
+    def fill(self, after_writes: int = 0) -> None:
+        import builtins
+        import errno
+        import pathlib
+
+        from defect_ds.utils import files
+
+        self.left = after_writes
+        disk = self
+
+        def take(path, data, write):
+            if disk.left is None or disk.left > 0:
+                disk.left = None if disk.left is None else disk.left - 1
+                return write(data)
+            write(data[:FullDisk.CUT_BYTES])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        class Filling:
+            def __init__(self, path, mode):
+                self.path, self.file = path, builtins.open(path, mode)
+
+            def write(self, data):
+                return take(self.path, data, self.file.write)
+
+            def writelines(self, lines):
+                for line in lines:
+                    self.write(line)
+
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.file.close()
+
+        write_bytes, write_text = pathlib.Path.write_bytes, pathlib.Path.write_text
+        self.patch.setattr(files, "open", Filling, raising=False)
+        self.patch.setattr(pathlib.Path, "write_bytes", lambda p, data: take(p, data, lambda d: write_bytes(p, d)))
+        self.patch.setattr(pathlib.Path, "write_text",
+                           lambda p, data, *a, **k: take(p, data, lambda d: write_text(p, d, *a, **k)))
+
+    def free(self) -> None:
+        self.patch.undo()
+        self.left = None
+
+
+@pytest.fixture
+def full_disk():
+    disk = FullDisk()
+    yield disk
+    disk.free()

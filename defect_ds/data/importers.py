@@ -22,6 +22,9 @@ from defect_ds.data.sample import (DEFAULT_MAX_IMAGE_PIXELS, GOOD, BadSampleErro
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MissingMask = Literal["empty", "full"]
+# The text encoder reads 77 tokens (a few hundred characters); a caption far longer is a wrong column or
+# a pasted file, and one past csv's field limit (128 KiB) used to end in a traceback.
+MAX_CAPTION_CHARS = 1000
 
 
 @dataclass
@@ -32,6 +35,11 @@ class SourceItem:
     category: str
     defect_type: str
     caption: str | None = None  # None: made from the caption template of the defect type
+
+
+def mvtec_mask_path(category_dir: Path, defect_type: str, stem: str) -> Path:
+    """Where MVTec AD keeps the mask of test/<defect_type>/<stem>.png (read here, written by data/mvtec.py)."""
+    return category_dir / "ground_truth" / defect_type / f"{stem}_mask.png"
 
 
 def mvtec_items(root: str | Path, category: str) -> list[SourceItem]:
@@ -51,7 +59,7 @@ def mvtec_items(root: str | Path, category: str) -> list[SourceItem]:
                 mask_path = None
                 if defect_type != GOOD:
                     # a missing ground-truth file is a bad input, reported by load_item
-                    mask_path = base / "ground_truth" / defect_type / f"{image_path.stem}_mask.png"
+                    mask_path = mvtec_mask_path(base, defect_type, image_path.stem)
                 key = sanitise_key(f"mvtec-{category}-{split_dir}-{defect_type}-{image_path.stem}")
                 items.append(SourceItem(key, image_path, mask_path, category, defect_type))
     if not items:
@@ -72,8 +80,12 @@ def folder_items(manifest_path: str | Path, default_category: str = "object") ->
         raise FileNotFoundError(f"Folder manifest {path} does not exist; give a .csv or .jsonl file.")
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as f:
-            # a CSV cannot tell an empty cell from a missing one, so an empty caption cell is no caption
-            rows = [dict(row, caption=row.get("caption") or None) for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            try:  # a CSV cannot tell an empty cell from a missing one, so an empty caption cell is no caption
+                rows = [dict(row, caption=row.get("caption") or None) for row in reader]
+            except csv.Error as e:  # a cell past csv's field limit, or a NUL byte
+                raise ValueError(f"{path} line {reader.reader.line_num} cannot be read as CSV ({e}); captions may be at "
+                                 f"most {MAX_CAPTION_CHARS} characters, so fix that line.") from None
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -99,6 +111,9 @@ def folder_items(manifest_path: str | Path, default_category: str = "object") ->
             raise ValueError(f"{where}: key {key!r} repeats an earlier row; give rows unique image paths or keys.")
         seen.add(key)
         caption = row["caption"] if "caption" in row and row["caption"] is not None else None
+        if caption is not None and len(str(caption)) > MAX_CAPTION_CHARS:
+            raise ValueError(f"{where} has a caption of {len(str(caption))} characters, more than the "
+                             f"{MAX_CAPTION_CHARS} allowed (the text encoder reads 77 tokens); shorten it.")
         items.append(SourceItem(key, image_path, mask_path, row.get("category") or default_category,
                                 str(row["defect_type"]), caption))
     if not items:

@@ -21,6 +21,7 @@ from defect_ds.data.captions import (DEFAULT_TOKEN_PREFIX, caption_for, defect_t
                                      read_templates)
 from defect_ds.data.sample import DEFAULT_MAX_IMAGE_PIXELS, GOOD, BadSampleError, Sample
 from defect_ds.data.shards import SPLITS, ShardWriter, build_manifest, prepare_out_dir, write_manifest
+from defect_ds.utils.files import atomic_file
 
 
 @dataclass
@@ -89,7 +90,7 @@ def write_dataset(jobs: list[Job], out_dir: str | Path, options: WriteOptions, *
         raise
     if not any(shards.values()):
         raise ValueError(f"No sample of {out} could be written ({len(skipped)} skipped); fix the inputs.")
-    with (out / "splits.jsonl").open("w") as f:  # the split, written down
+    with atomic_file(out / "splits.jsonl") as f:  # the split, written down
         f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in written)
     manifest = build_manifest(shards, split={"seed": options.seed, "val_fraction": options.val_fraction,
                                              "stratified_by": "defect_type", "file": "splits.jsonl"},

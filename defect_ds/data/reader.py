@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-from pathlib import Path
+import tarfile
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
+from webdataset.tariterators import group_by_keys
 from PIL import Image
 
 from defect_ds.data.sample import MASK_THRESHOLD, BadSampleError, mask_array, open_image
@@ -100,6 +101,11 @@ def shard_paths(folder: Path, manifest: dict, splits: tuple[str, ...] | None = N
                  for split, infos in listed.items() for info in infos]
     else:
         items = [(str(name).split("-")[0], name) for name in listed]
+    for _, name in items:
+        if not isinstance(name, str) or PurePosixPath(name).name != name or name in (".", "..") or "\\" in name:
+            raise ValueError(f"{Path(folder) / MANIFEST} lists the shard {name!r}, which is not a file of that "
+                             "folder; a manifest names its shards by file name only, so re-run `defect-ds "
+                             "prepare` for that folder.")
     out = [(split, Path(folder) / name) for split, name in items if splits is None or split in splits]
     missing = [str(path) for _, path in out if not path.is_file()]
     if missing:  # the loader checks this on every rank before any rank starts, so all of them stop together
@@ -109,8 +115,34 @@ def shard_paths(folder: Path, manifest: dict, splits: tuple[str, ...] | None = N
 
 
 def read_shards(paths: list[Path]) -> Iterator[dict]:
-    """The raw samples (file name -> bytes, plus __key__ and __url__) of the shards, in order."""
-    return iter(wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False))
+    """The raw samples (file name -> bytes, plus __key__ and __url__) of the shards, in order, grouped by
+    key as webdataset groups them. A member that is a link, or whose name is absolute or climbs out
+    with `..`, is refused in one sentence naming shard and member (webdataset would silently drop
+    the one and mis-key the other), as is a shard cut short inside a member."""
+    return group_by_keys(_shard_members(paths))
+
+
+def _shard_members(paths: list[Path]) -> Iterator[dict]:
+    for path in paths:
+        try:
+            with tarfile.open(path, "r|*") as tar:  # streamed: each member is read once, in order
+                for info in tar:
+                    if info.isdir():
+                        continue
+                    problem = ("a link" if info.issym() or info.islnk() else
+                               "not a plain file" if not info.isreg() else
+                               "an absolute path" if info.name.startswith("/") else
+                               "a path out of the shard" if ".." in PurePosixPath(info.name).parts else "")
+                    if problem:
+                        raise BadSampleError(f"Shard {path} holds the member {info.name!r}, which is {problem}; "
+                                             "shards hold plain files named KEY.EXT, so re-run `defect-ds "
+                                             "prepare` for that folder.")
+                    data = tar.extractfile(info).read()
+                    tar.members = []  # a streamed archive need not remember what was read
+                    yield {"fname": info.name, "data": data, "__url__": str(path)}
+        except (tarfile.TarError, EOFError) as e:
+            raise BadSampleError(f"Shard {path} is truncated or not a tar file ({e}); re-run `defect-ds prepare` "
+                                 "for that folder.") from None
 
 
 def _folder_shards(folder: Path, splits: tuple[str, ...] | None) -> list[Path]:
@@ -137,6 +169,10 @@ def iter_dataset(path: str | Path, splits: tuple[str, ...] | None = None) -> Ite
     shards = _folder_shards(path, splits) if path.is_dir() else [path]
     if shards and shards[0].suffix == ".tar":
         for sample in read_shards(shards):
+            if "image.png" not in sample:
+                raise BadSampleError(f"Sample {sample['__key__']!r} of shard {sample['__url__']} has no image.png "
+                                     f"(only {', '.join(k for k in sample if not k.startswith('__')) or 'nothing'});"
+                                     " re-run `defect-ds prepare` for that folder.")
             meta = json.loads(sample["json"]) if "json" in sample else {}
             yield {"key": sample["__key__"], "image": sample["image.png"], "mask": sample.get("mask.png"),
                    "meta": meta, "source": sample.get("source.png"),

@@ -16,6 +16,8 @@ from typing import Any
 
 import webdataset as wds
 
+from defect_ds.utils.files import atomic_write_json
+
 log = logging.getLogger("defect_ds.data")
 MANIFEST = "manifest.json"
 FORMAT = "defect-ds-shards/1"
@@ -129,10 +131,7 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, manifest, sort_keys=True)
 
 
 def build_manifest(shards: dict[str, list[dict[str, Any]]], **extra: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from defect_ds.downstream.scores import METRICS
+from defect_ds.utils.files import atomic_write_text
 
 
 def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -99,7 +100,7 @@ def write_markdown(results: dict, path: Path) -> None:
                   "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
         for arm, record in arms.items():
             lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"][t][m]) for m in METRICS) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_bar_plot(results: dict, path: Path) -> None:

@@ -7,13 +7,20 @@ thread each train two (arm, seed) pairs at once in about the time one process of
 one (docs/downstream.md, The segmenter). Workers are spawned (not forked, which is unsafe once torch's
 thread pool has started) and receive the data once. A job's result does not depend on which worker ran
 it or how many there were: a segmenter is a function of its arm's data and its seed.
+
+With `cache_dir`, each finished job's outcome is kept in a file named by a fingerprint of the data and
+the settings, so an interrupted evaluation resumes where it stopped and a changed one starts afresh.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import multiprocessing as mp
 import os
+import pickle
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -21,6 +28,7 @@ import numpy as np
 from defect_ds.downstream.arms import ArmSampler, Pairs
 from defect_ds.downstream.compare import Evidence, evidence
 from defect_ds.downstream.scores import score_by_type
+from defect_ds.utils.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class SegmenterSettings:
     batch_size: int
     width: int
     loss: str = "bce-dice"
+    learning_rate: float = 2e-3
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -68,7 +78,8 @@ def _run(arm: str, seed: int) -> Outcome:
         kind = arm.split("@")[0]  # "generated@variant": the generated arm with that variant's pairs
         sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm))
     net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
-                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss)
+                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss,
+                          learning_rate=settings.learning_rate, ema_decay=settings.ema_decay)
     probs = predict(net, data.test.images)
     grid = probs[_STATE["grid_rows"]] if seed == 0 else None
     return Outcome(arm, seed, score_by_type(probs, data.test.masks, data.test.types),
@@ -79,24 +90,65 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]) -> str:
+    """A name for what decides every outcome: the arrays each arm sees, the test set and the settings."""
+    h = hashlib.sha256(repr((dataclasses.asdict(settings), grid_rows)).encode())
+    named = [("shots", data.shots), ("test", data.test), *sorted(data.generated.items(), key=lambda kv: kv[0])]
+    for name, pairs in named:
+        h.update(name.encode())
+        for part in (pairs.images, pairs.masks, "\n".join(pairs.types).encode()):
+            h.update(part if isinstance(part, bytes) else memoryview(part.tobytes()))
+    h.update(memoryview(data.goods.tobytes()))
+    return h.hexdigest()[:16]
+
+
+def _cached(cache: Path | None, arm: str, seed: int) -> Path | None:
+    return None if cache is None else cache / f"{arm.replace('/', '_')}-seed{seed}.pkl"
+
+
+def _keep(path: Path | None, outcome: Outcome) -> None:
+    """Written whole or not at all; a full disk stops the evaluation here, at its first segmenter, in one
+    sentence, rather than after every segmenter has trained."""
+    if path is not None:
+        atomic_write_bytes(path, pickle.dumps(outcome), advice="free space and rerun; the segmenters kept "
+                                                               "so far are reused")
+
+
 def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: SegmenterSettings, *, workers: int,
-             grid_rows: list[int], on_done: Callable[[Outcome], None]) -> None:
-    """Runs every (arm, seed) job; on_done gets each outcome as it finishes (in any order)."""
-    jobs = list(jobs)
-    if workers <= 1:
+             grid_rows: list[int], on_done: Callable[[Outcome], None], cache_dir: Path | None = None) -> int:
+    """Runs every (arm, seed) job; on_done gets each outcome as it finishes (in any order). Returns how
+    many outcomes came from `cache_dir` (kept by an earlier, interrupted run with the same data and settings)."""
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / fingerprint(data, settings, grid_rows)
+        cache.mkdir(parents=True, exist_ok=True)
+    todo, reused = [], 0
+    for arm, seed in jobs:
+        path = _cached(cache, arm, seed)
+        if path is not None and path.is_file():
+            on_done(pickle.loads(path.read_bytes()))
+            reused += 1
+        else:
+            todo.append((arm, seed))
+    if workers <= 1 or len(todo) <= 1:
         import torch
 
         _init(data, settings, grid_rows, torch.get_num_threads())
-        for arm, seed in jobs:
-            on_done(_run(arm, seed))
-        return
+        for arm, seed in todo:
+            outcome = _run(arm, seed)
+            _keep(_cached(cache, arm, seed), outcome)
+            on_done(outcome)
+        return reused
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
                              initargs=(data, settings, grid_rows, 1)) as pool:
-        futures = [pool.submit(_run, arm, seed) for arm, seed in jobs]
+        futures = [pool.submit(_run, arm, seed) for arm, seed in todo]
         try:
             for future in as_completed(futures):
-                on_done(future.result())
+                outcome = future.result()
+                _keep(_cached(cache, outcome.arm, outcome.seed), outcome)
+                on_done(outcome)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+    return reused

@@ -91,14 +91,18 @@ def learning_rate_at(step: int, steps: int, peak: float, warmup_steps: int) -> f
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
                     seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 2e-3,
-                    warmup_steps: int = 30, clip_norm: float = 1.0,
+                    warmup_steps: int = 30, clip_norm: float = 1.0, ema_decay: float = 0.0,
                     on_step: Callable[[int], None] | None = None) -> SegmentationUNet:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images.
-    The initial weights and the augmentation are functions of `seed` alone, so arms share them."""
+    The initial weights and the augmentation are functions of `seed` alone, so arms share them.
+    ema_decay > 0 returns the exponential moving average of the weights (torch's AveragedModel) instead
+    of the last step's: one late batch moves the average less than it moves the last weights."""
     if steps < 1 or batch_size < 2:
         raise ValueError(f"The segmenter needs steps >= 1 and batch_size >= 2 (got {steps} and {batch_size}).")
     torch.manual_seed(seed)
-    net = SegmentationUNet(width)
+    net = SegmentationUNet(width).to(memory_format=torch.channels_last)  # faster convolutions on the CPU
+    average = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        ema_decay), use_buffers=True) if ema_decay > 0 else None)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     augment_rng = np.random.default_rng([seed, 1])  # the same jitter stream for every arm
@@ -110,6 +114,7 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         x = to_tensor(np.concatenate([images, goods]))
         y = torch.from_numpy(np.concatenate([masks, np.zeros((len(goods), *masks.shape[1:]), masks.dtype)]))
         x, y = jitter_batch(x, y.float().unsqueeze(1), augment_rng)
+        x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, steps, learning_rate, min(warmup_steps, steps))
         value = segmentation_loss(net(x), y, loss)
@@ -117,9 +122,11 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         value.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
         optimizer.step()
+        if average is not None:
+            average.update_parameters(net)
         if on_step is not None:
             on_step(step + 1)
-    return net.eval()
+    return (net if average is None else average.module).eval()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

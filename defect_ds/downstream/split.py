@@ -19,6 +19,7 @@ from pathlib import Path
 from defect_ds.data.sample import GOOD
 from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, read_manifest, write_manifest
 from defect_ds.data.reader import iter_dataset
+from defect_ds.utils.files import atomic_write_json
 
 SPLIT_FILE = "split.json"
 
@@ -112,5 +113,5 @@ def split_dataset(data: str | Path, out: str | Path, *, shots: int | None = None
         raise
     record = {"data": str(data), "shots_per_type": {t: len(k) for t, k in train.items() if t != GOOD},
               "shots": train, "test": test, "test_good_fraction": test_good_fraction}
-    (out / SPLIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / SPLIT_FILE, record, sort_keys=True)
     return record

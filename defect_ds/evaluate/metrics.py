@@ -25,7 +25,6 @@ Masks: area, elongation, components and position on the object, generated agains
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +37,7 @@ from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 from defect_ds.evaluate.mask_stats import compare_masks, save_mask_figure
 from defect_ds.evaluate.report import markdown_report, save_pair_grid
 from defect_ds.utils.device import resolve_device
+from defect_ds.utils.files import atomic_write_json, atomic_write_text
 
 ENV_INCEPTION = "DEFECT_DS_INCEPTION_WEIGHTS"
 ENV_LPIPS = "DEFECT_DS_LPIPS_WEIGHTS"
@@ -473,8 +473,8 @@ def write_report(report: dict, comparison: dict, gen: list[dict], real: list[dic
     grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=cell_px)
     figure = save_mask_figure(comparison, out_dir / "masks.png")
     pictures = [str(grid)] + ([str(figure)] if figure else [])
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(report, pictures))
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown_report(report, pictures))
 
 
 def _concat(dicts: list[dict]) -> dict | None:

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from defect_ds.data.masks import overlay_mask
 from defect_ds.data.sample import mask_array
 from defect_ds.evaluate.mask_stats import masks_markdown
+from defect_ds.utils.files import atomic_file
 
 
 def make_grid(rows: list[tuple[str, list[np.ndarray]]], cell_px: int = 128, pad_px: int = 2,
@@ -51,7 +52,7 @@ def save_sample_grid(samples_dir: str | Path, out_path: str | Path, per_row: int
             rows.append((f"{defect_type}: source images", [_rgb(f / "source.png") for f in folders]))
     cell = max(128, min(256, _rgb(folders[0] / "image.png").shape[0]))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, cell_px=cell).save(out_path)
+    save_png(make_grid(rows, cell_px=cell), out_path)
     return out_path
 
 
@@ -62,8 +63,14 @@ def save_pair_grid(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray | Non
     out_path.parent.mkdir(parents=True, exist_ok=True)
     grid_rows = [(label, [overlay_mask(img, m, cell_px) if m is not None else img for img, m in cells])
                  for label, cells in rows]
-    make_grid(grid_rows, cell_px=cell_px).save(out_path)
+    save_png(make_grid(grid_rows, cell_px=cell_px), out_path)
     return out_path
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """A picture of the results, written atomically like the results themselves."""
+    with atomic_file(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def _rgb(path: Path) -> np.ndarray:

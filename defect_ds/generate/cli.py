@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from defect_ds.data.masks import KINDS
+from defect_ds.data.mvtec import write_mvtec
 from defect_ds.data.reader import load_mask_pool, load_sources
 from defect_ds.evaluate.report import save_sample_grid
 from defect_ds.generate.mask_model import load_mask_model
@@ -99,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     grid = save_sample_grid(out_dir / "samples", out_dir / "grid.png")
     print(f"wrote {len(specs)} samples to {out_dir / 'samples'}, {len(shards)} shard(s) to {out_dir / 'shards'}, "
           f"grid {grid}")
+    if args.layout == "mvtec":  # rewritten whole, like shards/, from every finished sample
+        write_mvtec(out_dir, out_dir / "mvtec", category=args.category, overwrite=True)
+        print(f"wrote the MVTec AD tree {out_dir / 'mvtec'}")
     return 0
 
 
@@ -169,6 +173,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                           help="auto: bf16 on a GPU and on a CPU with native bf16 (avx512_bf16, AMX), else fp32")
     out = p.add_argument_group("output")
     out.add_argument("--shard-size", type=int, default=1000, help="samples per WebDataset shard")
+    out.add_argument("--layout", choices=("shards", "mvtec"), default="shards",
+                     help="mvtec: also write OUT_DIR/mvtec/, the MVTec AD tree (as `defect-ds export mvtec`)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_checked_run)
 

@@ -64,6 +64,9 @@ def shot_masks(data: str, resolution_px: int, defect_types: list[str] | None) ->
     """The non-empty masks per defect type; a type among the shots (or asked for) with none is an error."""
     present = sorted({s["meta"].get("defect_type", "") for s in iter_dataset(data)} - {"", "good"})
     wanted = defect_types or present
+    if not wanted:
+        raise ValueError(f"{data} holds no defect samples (only good images or none); train-masks learns the "
+                         "shapes of defect masks, so pass the few shots of defects with their masks.")
     pool = load_mask_pool("augmented", data, resolution_px)  # never raises on an empty type: named here
     for t in wanted:
         if not pool.get(t):
@@ -98,7 +101,7 @@ def train_mask_model(data: str, out_dir: str | Path, *, resolution_px: int = 64,
     scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE,
                               prediction_type=PREDICTION_TYPE)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
-    lr = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    lr = one_cycle(optimizer, learning_rate, steps)
     g = torch.Generator().manual_seed(seed)
     start, running, counted = time.time(), 0.0, 0
     for step in range(1, steps + 1):
@@ -126,6 +129,17 @@ def train_mask_model(data: str, out_dir: str | Path, *, resolution_px: int = 64,
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, learning_rate: float, steps: int):
+    """Warm-up over 5% of the steps, then cosine decay (torch's OneCycleLR). Its warm-up must span at least
+    two steps (at 20 steps, 5% is one and the schedule divides by zero), so short runs warm up over two;
+    runs under three steps have no room for either phase and stay at OneCycleLR's starting rate (1/25 of the
+    peak), as they did before it divided by zero."""
+    if steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / 25)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
+                                               pct_start=max(0.05, 2 / steps))
 
 
 class MaskModel:
@@ -167,7 +181,7 @@ def load_mask_model(path: str | Path, resolution_px: int, defect_types: list[str
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"--mask-model {folder} holds no {META_FILE} and {WEIGHTS_FILE}; make one with "
                                 "`defect-ds train-masks DATA DIR`.")
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = _read_meta(folder / META_FILE)
     if int(meta["resolution_px"]) != resolution_px:
         raise ValueError(f"--mask-model {folder} draws {meta['resolution_px']} px masks but generation is at "
                          f"{resolution_px} px; train one with `defect-ds train-masks DATA DIR --resolution-px "
@@ -178,8 +192,36 @@ def load_mask_model(path: str | Path, resolution_px: int, defect_types: list[str
                          f"{', '.join(meta['defect_types'])}); train it on shots of that type or pass "
                          "--defect-types without it.")
     unet = UNet2DModel(**meta["unet"])
-    unet.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    weights = folder / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors' own error type: a truncated or overwritten file
+        raise ValueError(f"--mask-model {weights} is not readable ({e}); train it again with `defect-ds "
+                         "train-masks DATA DIR`.") from None
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        key = next((k for k in expected if got.get(k) != expected[k]), None) or next(k for k in got if k not in expected)
+        raise ValueError(f"--mask-model {weights} does not fit the UNet its {META_FILE} describes ({key}: expected "
+                         f"{expected.get(key, 'no such weight')}, found {got.get(key, 'none')}); train it again "
+                         "with `defect-ds train-masks DATA DIR`.")
+    unet.load_state_dict(state)
     return MaskModel(unet, meta)
+
+
+def _read_meta(path: Path) -> dict:
+    """mask_model.json, checked for the fields loading needs."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--mask-model {path} is not readable JSON ({e}); train it again with `defect-ds "
+                         "train-masks DATA DIR`.") from None
+    fields = ("resolution_px", "defect_types", "unet", "train_timesteps")
+    if not isinstance(meta, dict) or any(f not in meta for f in fields) or not isinstance(meta["unet"], dict) \
+            or not isinstance(meta["defect_types"], list):
+        raise ValueError(f"--mask-model {path} lacks the fields {', '.join(fields)} (a list of defect types and a "
+                         "UNet config); train it again with `defect-ds train-masks DATA DIR`.")
+    return meta
 
 
 # ---- the command -----------------------------------------------------------------------------

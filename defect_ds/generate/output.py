@@ -18,10 +18,11 @@ from defect_ds.data.sample import png_bytes
 from defect_ds.data.shards import ShardWriter, build_manifest, write_manifest
 from defect_ds.evaluate.metrics import mask_localisation
 from defect_ds.generate.spec import GenerationSettings, SampleSpec
-from defect_ds.utils.files import atomic_folder
+from defect_ds.utils.files import atomic_folder, atomic_write_json
 
 SETTINGS_FILE = "generation.json"
 IGNORED_ON_RESUME = ("precision",)  # bf16 on a GPU, fp32 on a CPU: a resume may move between them
+RESUME_ADVICE = "the finished samples are kept, so free space and rerun the same command to resume"
 
 
 def sample_done(out_dir: Path, key: str) -> bool:
@@ -40,7 +41,7 @@ def write_sample(out_dir: Path, spec: SampleSpec, image: np.ndarray, settings: G
     meta = {"category": spec.category, "defect_type": spec.defect_type, "source": "generated",
             "split": "train", "size": list(image.shape[1::-1]), "generation": generation}
     final = out_dir / "samples" / spec.key
-    with atomic_folder(final) as tmp:
+    with atomic_folder(final, advice=RESUME_ADVICE) as tmp:
         (tmp / "image.png").write_bytes(png_bytes(Image.fromarray(image)))
         (tmp / "mask.png").write_bytes(png_bytes(Image.fromarray(spec.mask * 255)))
         (tmp / "caption.txt").write_text(spec.prompt)
@@ -60,7 +61,7 @@ def write_shards(out_dir: Path, tokens: dict[str, str], shard_size: int, extra: 
     out_dir = Path(out_dir)
     folders = sorted(p.parent for p in (out_dir / "samples").glob("*/json"))
     final = out_dir / "shards"
-    with atomic_folder(final) as tmp:
+    with atomic_folder(final, advice=RESUME_ADVICE) as tmp:
         shards = _write_shard_files(tmp, folders, tokens, shard_size, extra)
     return [final / info["name"] for infos in shards.values() for info in infos]
 
@@ -108,4 +109,4 @@ def check_resume(out_dir: Path, settings: GenerationSettings) -> None:
                 raise ValueError(f"{out_dir} was generated with {key}={old.get(key)!r}, not {value!r}; resume "
                                  "with the same flags or write to a new folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    atomic_write_json(path, current)

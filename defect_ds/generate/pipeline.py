@@ -22,7 +22,8 @@ from defect_ds.generate.spec import GenerationSettings, SampleSpec
 from defect_ds.model.components import check_model_dir
 from defect_ds.model.mask_gating import enable_mask_gating, mask_context
 from defect_ds.model.sampling import load_pipeline
-from defect_ds.train.export import find_export, load_export, read_export_meta
+from defect_ds.train.export import (LORA_FILE, check_embedding_files, check_lora_file, find_export, load_export,
+                                    read_export_meta)
 
 
 def planned_resolution(*, run: str | None = None, base_model: str | None = None) -> int:
@@ -78,6 +79,9 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
             if not lora_path.exists():
                 raise FileNotFoundError(f"--lora {lora} does not exist; pass pytorch_lora_weights.safetensors "
                                         "or the folder holding it.")
+            weights = lora_path if lora_path.is_file() else lora_path / LORA_FILE
+            if weights.is_file():  # else diffusers names what it looked for
+                check_lora_file(pipe.unet, weights)
             if lora_path.is_file():
                 pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
             else:
@@ -86,6 +90,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
             if mask_gating:
                 enable_mask_gating(pipe.unet, mask_resize or _trained_mask_resize(lora_path))
         if loose:
+            check_embedding_files(pipe.text_encoder, sorted({f for _, f in loose.values()}))
             pipe.load_textual_inversion(sorted({str(f) for _, f in loose.values()}))
     pipe.to(device)
     gate = getattr(pipe.unet, "mask_gate", None)

@@ -26,9 +26,12 @@ from defect_ds.model.sampling import assemble_pipeline, generate, load_pipeline,
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.utils.device import cpu_has_native_bf16
+from defect_ds.utils.files import atomic_folder, atomic_write_json, atomic_write_text, disk_full_as_sentence
 from defect_ds.utils.quiet import quiet_libraries
 
 STATE = "train_state"
+RESUME_ADVICE = "free space and rerun the same command to resume"
 SAMPLE_SEEDS = 4
 
 
@@ -103,16 +106,20 @@ def reconstruction_summary(vae, images: torch.Tensor) -> dict:
 
 
 def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) -> None:
-    """The diffusers folder, model_index.json last (a folder holding it is complete)."""
+    """The diffusers folder, model_index.json last (a folder holding it is complete).
+
+    half stores the UNet and the VAE in fp16; the text encoder stays fp32 either way. A plain
+    `StableDiffusionPipeline.from_pretrained(out)` upcasts diffusers' models to fp32 but transformers
+    (5.x) keeps the text encoder's stored dtype, and an fp16 text encoder feeding an fp32 UNet fails at
+    the first call (Half and Float); it is the smallest of the three, so fp32 costs little."""
     from diffusers import DDPMScheduler
 
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, DDPMScheduler(**SCHEDULER))
     if half:
-        with quiet_libraries():  # "modules to keep in float32: []": none, nothing to do
-            pipe.to(torch.float16)
+        unet, vae = unet.to(torch.float16), vae.to(torch.float16)
+    pipe = assemble_pipeline(vae, text_encoder.to(torch.float32), tokenizer, unet, DDPMScheduler(**SCHEDULER))
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_libraries():  # a "Writing model shards" bar per component
+    with quiet_libraries(), disk_full_as_sentence(out, RESUME_ADVICE):  # a "Writing model shards" bar each
         pipe.save_pretrained(tmp, safe_serialization=True)
     for part in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / part.name
@@ -136,18 +143,20 @@ def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
             for prompt in prompts]
     path = out / "samples.png"
     save_image(make_grid(torch.cat(rows), nrow=SAMPLE_SEEDS, padding=2), path)
-    (out / "samples.json").write_text(json.dumps({"rows": prompts, "seeds_per_row": SAMPLE_SEEDS,
-                                                  "steps": steps, "guidance_scale": 3.0}, indent=2))
+    atomic_write_json(out / "samples.json", {"rows": prompts, "seeds_per_row": SAMPLE_SEEDS, "steps": steps,
+                                             "guidance_scale": 3.0})
     return path
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     recipe = BaseRecipe.from_file(args.recipe) if args.recipe else BaseRecipe()
-    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size"):
+    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size", "precision"):
         if getattr(args, name) is not None:
             setattr(recipe, name, getattr(args, name))
     recipe.validate()
+    if recipe.precision == "auto":
+        recipe.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if (out / "model_index.json").is_file() and not (out / STATE).is_dir():
         raise FileExistsError(f"{out} already holds a finished base model; choose another folder or delete it.")
     train_images, train_captions, left_out = load_good(args.data, "train", args.resolution_px)
@@ -170,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if saved.is_file() and json.loads(saved.read_text()) != recipe_record:
         raise ValueError(f"{out} holds an unfinished run with another recipe ({saved}); resume with the same "
                          "settings, or choose another OUT.")
-    saved.write_text(json.dumps(recipe_record, indent=2, sort_keys=True))
+    atomic_write_json(saved, recipe_record, sort_keys=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = Progress(out, enabled=not args.no_progress)
@@ -188,12 +197,13 @@ def run(args: argparse.Namespace) -> int:
         mean, std = stages.encode(vae, train_images)
         # the UNet expects unit-variance latents; SD's 0.18215 fits SD's VAE only
         vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))
-        vae.save_pretrained(vae_dir)
+        with atomic_folder(vae_dir, advice=RESUME_ADVICE) as tmp:  # a vae/ that exists is complete: a crash
+            vae.save_pretrained(tmp)  # while saving would otherwise leave one that fails every rerun
     vae.eval()
     progress.close_bar()
     recon = {"train": reconstruction_summary(vae, train_images), "val": reconstruction_summary(vae, val_images),
              "scaling_factor": vae.config.scaling_factor}
-    (out / "reconstruction.json").write_text(json.dumps(recon, indent=2))
+    atomic_write_json(out / "reconstruction.json", recon)
     progress.info(f"vae: val PSNR {recon['val']['psnr_db_mean']} dB, scaling factor {vae.config.scaling_factor}")
 
     from diffusers import DDPMScheduler
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))
     progress.close_bar()
     write_pipeline(out, vae, text_encoder, tokenizer, unet, half=not args.fp32)
-    (out / "recipe.json").write_text(saved.read_text())
+    atomic_write_text(out / "recipe.json", saved.read_text())
     grid = write_sample_grid(out, train_captions, steps=args.sample_steps)
     progress.info(f"wrote {out} (sample grid {grid})")
     progress.close()
@@ -238,8 +248,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-batch-size", type=int)
     p.add_argument("--unet-batch-size", type=int)
     p.add_argument("--resolution-px", type=int, default=None, help="resize images to this side (default: as stored)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="autocast of the forward passes (default: the recipe's, auto: bf16 on CPUs with avx512_bf16 "
+                        "or AMX, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16, half the size)")
+    p.add_argument("--fp32", action="store_true", help="save the UNet and VAE in fp32 (default: fp16, half the size; the text encoder is always fp32)")
     p.add_argument("--sample-steps", type=int, default=30, help="denoising steps of the sample grid")
     p.add_argument("--keep-state", action="store_true", help="keep OUT/train_state/ after finishing")
     p.add_argument("--no-progress", action="store_true")

@@ -46,7 +46,10 @@ class BaseRecipe:
     ema_decay: float = 0.999
     val_every_steps: int = 250
     save_every_steps: int = 250
-    precision: str = "bf16"  # autocast for the training forward passes; weights and optimizer stay fp32
+    # autocast of the training forward passes (weights and optimizer stay fp32); auto is bf16 on CPUs with
+    # native bf16 (avx512_bf16, AMX) and fp32 elsewhere, where bf16 is emulated: 25x slower than fp32 on an
+    # AVX2-only EPYC here. The run records what auto resolved to.
+    precision: str = "auto"
     extra: dict = field(default_factory=dict)  # free-form notes carried into recipe.json
 
     def validate(self) -> None:
@@ -60,8 +63,8 @@ class BaseRecipe:
         if self.vae_latent_channels != 4:
             raise ValueError(f"Recipe field vae_latent_channels={self.vae_latent_channels} must be 4: diffusers' "
                              "inpainting pipeline (`defect-ds generate --mode inpaint`) takes 4-channel latents only.")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"Recipe field precision={self.precision!r} must be fp32 or bf16.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"Recipe field precision={self.precision!r} must be auto, fp32 or bf16.")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"Recipe field caption_dropout={self.caption_dropout} must be in [0, 1).")
 
@@ -76,6 +79,34 @@ class BaseRecipe:
         if unknown:
             raise ValueError(f"Recipe {path} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        defaults = cls()
+        for name, value in values.items():
+            default = getattr(defaults, name)
+            items = zip(value, [default[0]] * len(value)) if isinstance(default, tuple) and isinstance(value, tuple) \
+                else [(value, default)]
+            for item, like in items:
+                if not _same_kind(item, like):  # a quoted "no" would otherwise be a true bool
+                    raise ValueError(f"Recipe {path} field {name}={data[name]!r} has the wrong type: write "
+                                     f"{_kind_words(default)}.")
         recipe = cls(**values)
         recipe.validate()
         return recipe
+
+
+def _same_kind(value, like) -> bool:
+    """JSON's types as the recipe's defaults use them: a bool is no number, an int is a float."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(like))
+
+
+KINDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+         str: ("a string", "strings"), dict: ("an object", "objects")}
+
+
+def _kind_words(default) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {KINDS[type(default[0])][1]}"
+    return KINDS[type(default)][0]

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from defect_ds.model import objective
 from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.utils.files import disk_full_as_sentence
 
 VAE_STAGE, UNET_STAGE, VAL_STAGE = 1, 2, 3
 
@@ -40,7 +41,8 @@ def autocast(precision: str):
 def save_state(path: Path, state: dict) -> None:
     """Write-then-rename: a kill mid-save leaves the previous state intact."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with disk_full_as_sentence(path, "free space and rerun the same command to resume"):
+        torch.save(state, tmp)
     os.replace(tmp, path)
 
 

@@ -14,7 +14,6 @@ go on when that folder's fingerprint differs from the one the checkpoint recorde
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import random
@@ -27,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from defect_ds.config import ConfigError
+from defect_ds.utils.files import is_disk_full
 
 
 COMMIT_MARKER = "COMMITTED"
-LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
 META_FILE = "meta.json"
 FINGERPRINT_CHUNKS = 64  # evenly spaced 64 KiB reads per weight file: any retrained weights change them
 
@@ -131,21 +130,12 @@ def write_failure_message(error: BaseException, ckpt_dir: Path, step: int) -> st
     done = committed_checkpoints(ckpt_dir)
     kept = (f"the last committed checkpoint is step {int(done[-1].name.split('-')[1])} and intact" if done
             else "no checkpoint was committed yet")
-    if _disk_full(error, ckpt_dir):
+    if is_disk_full(error, ckpt_dir):  # also where torch's zip writer hides the errno
         return (f"No space left while saving step {step} in {ckpt_dir}; {kept}; free space and resume with "
                 "--resume latest.")
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"Could not write the checkpoint of step {step} in {ckpt_dir} ({reason}); {kept}; fix the folder "
             "and resume with --resume latest.")
-
-
-def _disk_full(error: BaseException, ckpt_dir: Path) -> bool:
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
-        return True
-    try:  # torch's zip writer ("unexpected pos ...") hides the errno: look at the free space instead
-        return shutil.disk_usage(ckpt_dir).free < LOW_SPACE_BYTES
-    except OSError:
-        return False
 
 
 def commit(ckpt_dir: Path, step: int) -> None:

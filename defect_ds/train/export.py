@@ -60,12 +60,37 @@ def write_export(out_dir: str | Path, *, meta: dict, lora_state: dict[str, torch
 
 
 def read_export_meta(export_dir: str | Path) -> dict:
-    """The export.json of an export folder: the one reader of the format `Exporter.meta` writes."""
+    """The export.json of an export folder: the one reader of the format `Exporter.meta` writes. The
+    fields generation acts on are checked here, so a hand-edited file is one sentence, not a traceback
+    or (mask_gating "no", a non-empty string) a setting silently taken the other way."""
     path = Path(export_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir} is not a defect-ds export (no {META_FILE}); pass a run's "
                                 "export folder such as runs/default/export.")
-    return json.loads(path.read_text())
+    fix = "restore the file the run wrote, or export again"
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); {fix}.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a {type(meta).__name__}, not an object of fields; {fix}.")
+    tokens = meta.get("tokens", {})
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
+        raise ValueError(f"{path}: tokens must map each defect type to its token, like {{\"crack\": \"sks_crack\"}}, "
+                         f"not {json.dumps(tokens)[:80]}; {fix}.")
+    if not isinstance(meta.get("mask_gating", True), bool):
+        raise ValueError(f"{path}: mask_gating is {meta['mask_gating']!r}; write true or false (JSON booleans, no "
+                         "quotes).")
+    if meta.get("mask_resize", "nearest") not in ("nearest", "max"):
+        raise ValueError(f"{path}: mask_resize is {meta['mask_resize']!r}; write \"nearest\" or \"max\".")
+    resolution = meta.get("resolution_px")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8):
+        raise ValueError(f"{path}: resolution_px is {resolution!r}; write the run's resolution in pixels, such as "
+                         "512.")
+    for field in ("base_model", "unet_mode"):
+        if not isinstance(meta.get(field, ""), str):
+            raise ValueError(f"{path}: {field} is {meta[field]!r}, not a string; {fix}.")
+    return meta
 
 
 def find_export(path: str | Path) -> Path:
@@ -93,13 +118,79 @@ def load_export(pipe, export_dir: str | Path, mask_gating: bool = True, mask_res
     if (export_dir / "unet").is_dir():
         pipe.unet = UNet2DConditionModel.from_pretrained(export_dir / "unet").to(pipe.device, pipe.unet.dtype)
     if (export_dir / LORA_FILE).is_file():
+        check_lora_file(pipe.unet, export_dir / LORA_FILE)
         pipe.load_lora_weights(export_dir)
         if mask_gating and meta.get("mask_gating", True):
             enable_mask_gating(pipe.unet, mask_resize or meta.get("mask_resize", "nearest"))
     embed_files = sorted((export_dir / EMBEDS_DIR).glob("*.safetensors"))
     if embed_files:
+        check_embedding_files(pipe.text_encoder, embed_files)
         pipe.load_textual_inversion([str(p) for p in embed_files])
     return meta
+
+
+# diffusers' and peft's names of the two halves of a LoRA pair
+LORA_HALVES = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes in a .safetensors file, read from its header without loading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); export it again.") from None
+
+
+def check_lora_file(unet: torch.nn.Module, path: str | Path) -> None:
+    """Every LoRA weight in the file fits the UNet layer it adapts (down: rank x the layer's input, up: the
+    layer's output x rank), checked before diffusers loads it: a LoRA of another base model or rank would
+    otherwise end in a page of size mismatches, or load in part without a word."""
+    path = Path(path)
+    layers = dict(unet.named_modules())
+    ranks: dict[str, int] = {}
+    for key, shape in _tensor_shapes(path).items():
+        name = key.removeprefix("unet.")
+        suffix = next((s for s in LORA_HALVES if name.endswith(s)), None)
+        if suffix is None:  # alphas, text-encoder LoRA: not ours to check
+            continue
+        layer = name[:-len(suffix)]
+        weight = getattr(layers.get(layer), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"{path} adapts the layer {layer}, which the base model's UNet does not have; pass "
+                             "a LoRA trained on this base model.")
+        if LORA_HALVES[suffix] == "down":  # (rank, in) for a linear layer, (rank, in, k, k) for a convolution
+            expected = ("rank", *weight.shape[1:])
+            fits = len(shape) == weight.ndim and shape[1:] == tuple(weight.shape[1:])
+        else:  # (out, rank) or (out, rank, 1, 1)
+            expected = (weight.shape[0], "rank", *[1] * (weight.ndim - 2))
+            fits = len(shape) == weight.ndim and shape[0] == weight.shape[0]
+        rank = shape[0] if LORA_HALVES[suffix] == "down" else shape[1] if len(shape) > 1 else 0
+        if not fits:
+            raise ValueError(f"{path}: {key} has shape {_shape(shape)}, but the base model's layer {layer} takes "
+                             f"{_shape(expected)}; pass a LoRA trained on this base model.")
+        if ranks.setdefault(layer, rank) != rank:
+            raise ValueError(f"{path}: the two halves of the LoRA of {layer} have ranks {ranks[layer]} and {rank}; "
+                             "the file is damaged, so export it again.")
+
+
+def check_embedding_files(text_encoder: torch.nn.Module, files: list[Path]) -> None:
+    """Each learned-token file holds vectors as wide as the text encoder's: (vectors, width) or (width,)."""
+    width = text_encoder.get_input_embeddings().weight.shape[-1]
+    for path in files:
+        if Path(path).suffix != ".safetensors":
+            continue
+        for key, shape in _tensor_shapes(Path(path)).items():
+            if len(shape) not in (1, 2) or shape[-1] != width:
+                raise ValueError(f"{path} holds {key!r} of shape {_shape(shape)}, but the base model's text encoder "
+                                 f"takes vectors of {width} values, shape (vectors, {width}); pass embeddings "
+                                 "trained on this base model.")
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 class Exporter:

@@ -74,6 +74,18 @@ def test_unknown_section_and_wrong_type_in_file(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+def test_a_quoted_boolean_means_what_it_says_or_is_refused(tmp_path):
+    f = tmp_path / "c.toml"
+    for text, expected in (('"no"', False), ('"No"', False), ('"false"', False), ('"0"', False), ('"yes"', True),
+                           ("false", False)):
+        f.write_text(f"[lora]\nmask_gating = {text}\n")
+        assert load_config(f).lora.mask_gating is expected, text
+    for text in ('"off"', '""', "0", '"nope"'):  # neither clearly true nor clearly false: refused
+        f.write_text(f"[lora]\nmask_gating = {text}\n")
+        with pytest.raises(ConfigError, match=r"lora.mask_gating=.* has the wrong type: expected true or false"):
+            load_config(f)
+
+
 def test_parse_overrides_space_form():
     assert parse_overrides(["--a.b", "1", "--c.d=2"]) == {"a": {"b": "1"}, "c": {"d": "2"}}
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from defect_ds.cli import main
 from defect_ds.data import read_manifest
-from defect_ds.data.importers import SourceItem, assign_splits, load_item
+from defect_ds.data.importers import MAX_CAPTION_CHARS, SourceItem, assign_splits, load_item
 from defect_ds.data.sample import BadSampleError, open_image
 
 
@@ -144,6 +144,23 @@ def test_folder_csv_blank_caption_cell_uses_the_template(tmp_path):
     batch = next(iter(build_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0, epoch=0)))
     captions = dict(zip(batch["key"], batch["caption"]))
     assert captions == {"img_a": "dented can sks_dent", "img_c": "a photo of a object"}
+
+
+@pytest.mark.parametrize("length", [MAX_CAPTION_CHARS + 1, 20 << 20])  # over the limit; over csv's own
+def test_a_caption_too_long_is_one_sentence_naming_the_row(tmp_path, capsys, length):
+    d = _folder(tmp_path)
+    (d / "m.csv").write_text("image,defect_type,caption\nimg/c.png,good,a can\n"
+                             f"img/a.png,dent,{'x' * length}\n")
+    assert main(["prepare", "folder", str(d / "m.csv"), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and len(err) < 400, err[:400]
+    if length > 131072:
+        assert f"{d / 'm.csv'} line 3 cannot be read as CSV" in err and f"at most {MAX_CAPTION_CHARS}" in err
+    else:
+        assert f"{d / 'm.csv'} row 2 has a caption of {length} characters" in err
+    (d / "m.jsonl").write_text(json.dumps({"image": "img/a.png", "defect_type": "dent", "caption": "x" * length}))
+    assert main(["prepare", "folder", str(d / "m.jsonl"), str(tmp_path / "o"), "--no-progress"]) == 2
+    assert f"row 1 has a caption of {length} characters" in capsys.readouterr().err
 
 
 def test_skip_bad_splits_only_what_loaded(tmp_path):

@@ -3,6 +3,7 @@ scikit-learn's on the right pixels, and bad input gets one sentence."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -145,6 +146,28 @@ def test_eval_writes_every_report(split_dir, tmp_path):
     assert results["environment"]["device"] and results["environment"]["torch"]
     assert results["generation"] is None  # the test set is not a `defect-ds generate` folder
     assert (out / "downstream.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
+
+
+def test_eval_on_a_full_disk_keeps_the_old_results_and_says_so_in_one_sentence(split_dir, tmp_path, capsys,
+                                                                               full_disk):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "downstream.json").write_text('{"old": true}\n')
+    full_disk.fill()  # the first write is the first scored segmenter's, kept for a resume
+    assert main(["downstream", "eval", str(split_dir), str(out), "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--resolution-px", "32", "--workers", "1", "--resamples", "100", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"defect-ds downstream: error: No space left while writing {re.escape(str(out))}/segmenters/"
+                        r"\w+/real-seed0\.pkl; nothing there was changed; free space and rerun; the segmenters kept "
+                        r"so far are reused\.", err), err
+    assert json.loads((out / "downstream.json").read_text()) == {"old": True}
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["downstream.json"]
+    full_disk.fill(after_writes=4)  # four segmenters kept, then the results (over 4096 bytes) meet a full disk
+    assert main(["downstream", "eval", str(split_dir), str(out), "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--resolution-px", "32", "--workers", "1", "--resamples", "100", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"writing {out / 'downstream.json'}; nothing there was changed; "
+                                                    "free space and rerun.")
+    assert json.loads((out / "downstream.json").read_text()) == {"old": True}  # not cut at 4096 bytes
 
 
 def test_eval_records_how_the_generated_pairs_were_drawn(split_dir, tmp_path):
@@ -307,3 +330,38 @@ def test_segmenter_results_do_not_depend_on_the_number_of_workers(split_dir):
                  on_done=lambda o: got.__setitem__((o.arm, o.seed), o.scores["all"]["pixel_ap"]))
         results.append(got)
     assert results[0] == results[1] and len(results[0]) == 2
+
+
+def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_not(split_dir, tmp_path, monkeypatch):
+    from defect_ds.downstream import runner
+    from defect_ds.downstream.cli import load_pairs, load_test
+
+    data = runner.ArmData(load_pairs(split_dir / "shots", 32, defects=True),
+                          load_pairs(split_dir / "shots", 32, defects=False).images, {},
+                          load_test(split_dir / "test", 32))
+    settings, jobs = runner.SegmenterSettings(3, 4, 4), [("real", 0), ("copy-paste", 0), ("real", 1)]
+    straight = {}
+    runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0],
+                    on_done=lambda o: straight.__setitem__((o.arm, o.seed), o.scores))
+    real_run = runner._run
+    trained = []
+
+    def crash_on_third(arm, seed):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append((arm, seed))
+        return real_run(arm, seed)
+
+    monkeypatch.setattr(runner, "_run", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0], on_done=lambda o: None, cache_dir=tmp_path)
+    trained.clear()
+    monkeypatch.setattr(runner, "_run", lambda arm, seed: (trained.append((arm, seed)), real_run(arm, seed))[1])
+    resumed = {}
+    reused = runner.run_jobs(jobs, data, settings, workers=1, grid_rows=[0], cache_dir=tmp_path,
+                             on_done=lambda o: resumed.__setitem__((o.arm, o.seed), o.scores))
+    assert reused == 2 and trained == [("real", 1)] and resumed == straight
+    trained.clear()
+    runner.run_jobs(jobs, data, runner.SegmenterSettings(4, 4, 4), workers=1, grid_rows=[0], cache_dir=tmp_path,
+                    on_done=lambda o: None)
+    assert trained == jobs  # other settings: nothing reused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,22 @@ def test_missing_inception_weights_says_where_to_put_them(image_sets, tmp_path, 
     rc = main(["evaluate", str(image_sets["generated"]), "--real", str(image_sets["real_same"]),
                "--inception-weights", str(tmp_path / "nope.pth")])
     assert rc == 2 and "nope.pth" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_old_report_and_is_one_sentence(image_sets, inception_weights, tmp_path, capsys,
+                                                               full_disk):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "report.json").write_text('{"old": true}\n')
+    full_disk.fill()
+    rc = main(["evaluate", str(image_sets["generated"]), "--real", str(image_sets["real_same"]), "--out", str(out),
+               "--inception-weights", str(inception_weights), "--cache-dir", str(tmp_path / "cache"),
+               "--kid-subset-size", "4", "--kid-subsets", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and re.fullmatch(rf"defect-ds evaluate: error: No space left while writing {re.escape(str(out))}"
+                                    r"/\S+; nothing there was changed; free space and rerun\.", err), err
+    assert (out / "report.json").read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no cut picture or temporary file
 
 
 def test_mask_localisation_is_the_share_of_change_inside_the_mask():

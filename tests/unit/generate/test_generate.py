@@ -215,6 +215,39 @@ def test_text2img_writes_folders_and_shards_and_resumes(trained_run, tmp_path, c
     assert "steps=2" in capsys.readouterr().err
 
 
+def test_layout_mvtec_also_writes_the_mvtec_tree(trained_run, tmp_path):
+    from defect_ds.data.mvtec import read_index
+
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--run", str(trained_run["run_dir"]), "--num-per-type", "1", "--steps", "1",
+                 "--category", "pill", "--layout", "mvtec", "--no-progress"]) == 0
+    rows = read_index(out / "mvtec")
+    assert sorted(r["key"] for r in rows) == sorted(_samples(out))
+    for row in rows:
+        folder = out / "samples" / row["key"]
+        assert row["image"] == f"pill/test/{row['key'].split('-')[0]}/000.png"
+        assert (np.asarray(Image.open(out / "mvtec" / row["mask"])) == _read(folder / "mask.png", "L")).all()
+        assert (np.asarray(Image.open(out / "mvtec" / row["image"])) == _read(folder / "image.png")).all()
+    assert (out / "mvtec" / "pill" / "train" / "good").is_dir()
+
+
+def test_a_full_disk_is_one_sentence_and_the_rerun_resumes(trained_run, tmp_path, capsys, full_disk):
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--num-per-type", "2", "--steps", "1",
+            "--batch-size", "1", "--no-progress"]
+    full_disk.fill(after_writes=1 + 2 * 4)  # generation.json, then two samples of 4 files each
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"defect-ds generate: error: No space left while writing {re.escape(str(out))}/samples/"
+                        r"\S+; nothing there was changed; the finished samples are kept, so free space and rerun "
+                        r"the same command to resume\.", err), err
+    assert len(_samples(out)) == 2 and not (out / "shards").exists()
+    full_disk.free()
+    assert main(args) == 0
+    assert "2 already written, 2 to go" in capsys.readouterr().out
+    assert len(_samples(out)) == 4 and (out / "shards" / "manifest.json").is_file()
+
+
 def test_dataset_masks_and_sources_and_loose_files(trained_run, tiny_model_dir, tmp_path):
     """Masks and good images from a training-format shard; weights given as files, Euler scheduler."""
     import webdataset as wds
@@ -331,6 +364,58 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     shutil.rmtree(out / "samples")
     assert main(["generate", str(out), "--run", run, "--num-per-type", "1", "--steps", "1", "--no-progress"]) == 0
     assert json.loads((out / "generation.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: [meta], "holds a list, not an object of fields"),
+    (lambda meta: {**meta, "tokens": ["sks_scratch", "sks_stain"]}, "tokens must map each defect type to its token"),
+    (lambda meta: {**meta, "mask_gating": "no"}, "mask_gating is 'no'; write true or false"),
+    (lambda meta: "{not json", "is not readable JSON"),
+])
+def test_a_hand_edited_export_json_is_one_sentence(trained_run, tmp_path, capsys, edit, message):
+    export = tmp_path / "export"
+    shutil.copytree(trained_run["run_dir"] / "export", export)
+    meta = edit(json.loads((export / "export.json").read_text()))
+    (export / "export.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--run", str(export), "--num-per-type", "1", "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"defect-ds generate: error: {export / 'export.json'}") and message in err, err
+    assert "\n" not in err and not out.exists()
+
+
+def test_weights_of_the_wrong_shape_name_the_file_and_the_shape_expected(trained_run, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    from safetensors.torch import save_file
+
+    lora_state = dict(trained_run["lora_state"])
+    down = next(k for k in lora_state if k.endswith("to_q.lora.down.weight"))
+    rank, width = lora_state[down].shape
+    lora_state[down] = torch.zeros(rank, width * 2)  # a LoRA of a wider base model
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(lora_state, str(lora))
+    embeds = tmp_path / "embeds"
+    embeds.mkdir()
+    save_file({"sks_scratch": torch.zeros(VECTORS, width + 1)}, str(embeds / "sks_scratch.safetensors"))
+    good_embeds = trained_run["run_dir"] / "export" / "learned_embeds"
+    base = ["--base-model", str(tiny_model_dir), "--num-per-type", "1", "--steps", "1", "--no-progress"]
+    assert main(["generate", str(tmp_path / "a"), "--lora", str(lora), "--embeddings", str(good_embeds), *base]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"defect-ds generate: error: {lora}: {down} has shape ({rank}, {2 * width}), but the base model's layer "
+        f"{down[:-len('.lora.down.weight')]} takes (rank, {width}); pass a LoRA trained on this base model.")
+    assert main(["generate", str(tmp_path / "b"), "--embeddings", str(embeds), *base]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"defect-ds generate: error: {embeds / 'sks_scratch.safetensors'} holds 'sks_scratch' of shape ({VECTORS}, "
+        f"{width + 1}), but the base model's text encoder takes vectors of {width} values, shape (vectors, {width}); "
+        "pass embeddings trained on this base model.")
+    export = tmp_path / "export"  # the same checks guard an export folder
+    shutil.copytree(trained_run["run_dir"] / "export", export)
+    shutil.copy(lora, export / "pytorch_lora_weights.safetensors")
+    assert main(["generate", str(tmp_path / "c"), "--run", str(export), "--num-per-type", "1", "--steps", "1",
+                 "--no-progress"]) == 2
+    assert f"takes (rank, {width})" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_file_masks_keep_off_centre_defects_and_skip_empty_ones(tmp_path, caplog):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defect_ds.cli import main
-from defect_ds.generate.mask_model import META_FILE, load_mask_model, train_mask_model
+from defect_ds.generate.mask_model import META_FILE, WEIGHTS_FILE, load_mask_model, train_mask_model
 from defect_ds.data.objects import object_region
 from defect_ds.generate.spec import GenerationSettings, plan_samples
 
@@ -50,3 +50,52 @@ def test_train_masks_names_a_type_without_masks(shots, tmp_path):
     with pytest.raises(ValueError, match=r"Defect type 'dent' has no non-empty mask among the shots"):
         train_mask_model(str(shots), tmp_path / "mm", resolution_px=32, steps=1, defect_types=["dent"],
                          log_every=0, bank_per_type=2)
+
+
+def test_train_masks_runs_any_number_of_steps(shots, tmp_path):
+    # 20 steps once made the warm-up exactly one step long and torch's schedule divided by zero
+    for steps in (1, 2, 20):
+        assert main(["train-masks", str(shots), str(tmp_path / f"mm{steps}"), "--resolution-px", "32", "--steps",
+                     str(steps), "--batch-size", "2", "--quiet"]) == 0
+
+
+def test_train_masks_on_data_without_defects_is_one_sentence(shots, tmp_path, capsys):
+    from defect_ds.data.reader import iter_dataset
+    from defect_ds.data.shards import ShardWriter, build_manifest, write_manifest
+
+    good = tmp_path / "good"
+    good.mkdir()
+    writer = ShardWriter(good)
+    for s in iter_dataset(shots):
+        if s["meta"]["defect_type"] == "good":
+            writer.write("train", {"__key__": s["key"], "image.png": s["image"], "mask.png": s["mask"],
+                                   "caption.txt": s["caption"].encode(), "json": json.dumps(s["meta"]).encode()},
+                         "good")
+    write_manifest(good, build_manifest(writer.close(), defect_tokens={}))
+    assert main(["train-masks", str(good), str(tmp_path / "mm"), "--resolution-px", "32", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defect-ds train-masks: error: ") and "holds no defect samples" in err and "\n" not in err
+    assert not (tmp_path / "mm").exists()
+
+
+def test_a_damaged_mask_model_is_one_sentence_naming_the_file(shots, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "mm"
+    assert main(["train-masks", str(shots), str(out), "--resolution-px", "32", "--steps", "1", "--quiet"]) == 0
+    types = json.loads((out / META_FILE).read_text())["defect_types"]
+    weights = out / WEIGHTS_FILE
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=rf"--mask-model {weights} is not readable .*train it again"):
+        load_mask_model(out, 32, types)
+    weights.write_bytes(whole)
+    state = load_file(str(weights))
+    state["conv_in.weight"] = state["conv_in.weight"][:8]  # another UNet's weights
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"does not fit the UNet .*conv_in.weight: expected \(16, 1, 3, 3\), "
+                                         r"found \(8, 1, 3, 3\)"):
+        load_mask_model(out, 32, types)
+    (out / META_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"lacks the fields resolution_px"):
+        load_mask_model(out, 32, types)

@@ -36,11 +36,15 @@ def base(data, tmp_path_factory):
 def test_base_loads_in_stock_diffusers_and_draws(base):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    # no torch_dtype: the plain load a user writes (transformers keeps a stored fp16 text encoder fp16,
+    # which fails beside diffusers' fp32 UNet)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a pill", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
-    assert pipe.unet.dtype == torch.float32
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    # the UNet is still stored in fp16 (2 bytes a weight), only the text encoder is not
+    assert (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 3 * pipe.unet.num_parameters()
     stored = pipe.unet.config.in_channels
     assert stored == pipe.vae.config.latent_channels
 
@@ -92,6 +96,32 @@ def test_vae_stage_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_crash_while_saving_the_vae_leaves_nothing_that_fails_the_rerun(data, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(TOY))
+    out = tmp_path / "base"
+    args = ["pretrain-base", str(data), str(out), "--recipe", str(recipe), "--sample-steps", "1", "--no-progress"]
+    save = AutoencoderKL.save_pretrained
+
+    class Killed(Exception):
+        pass
+
+    def crash(self, folder, *a, **k):  # config written, weights cut short, then the process dies
+        save(self, folder, *a, **k)
+        next(Path(folder).glob("*.safetensors")).write_bytes(b"cut")
+        raise Killed
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", crash)
+    with pytest.raises(Killed):
+        main(args)
+    assert not (out / "train_state" / "vae").exists()  # no folder that looks saved
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (out / "model_index.json").is_file()
+
+
 def test_strokes_touch_only_some_images():
     images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
     out, drawn = stages.add_strokes(images, np.random.default_rng(0), 0.5)
@@ -117,3 +147,32 @@ def test_recipe_refuses_latents_inpainting_cannot_take(tmp_path, data, capsys):
     err = capsys.readouterr().err
     assert "vae_latent_channels=8 must be 4" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_precision_is_recorded_as_what_it_resolved_to(base):
+    from defect_ds.utils.device import cpu_has_native_bf16
+
+    recipe = json.loads((base / "recipe.json").read_text())
+    assert recipe["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert BaseRecipe().precision == "auto"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("unet_attention", ["no", False], "a list of booleans"),  # "no" is a true string: silently on
+    ("vae_steps", "3", "an integer"),
+    ("seed", True, "an integer"),
+])
+def test_recipe_fields_of_the_wrong_json_type_are_one_sentence(tmp_path, data, capsys, field, value, words):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**TOY, field: value}))
+    assert main(["pretrain-base", str(data), str(tmp_path / "out"), "--recipe", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"defect-ds pretrain-base: error: Recipe {recipe} field {field}={value!r} has the wrong type: "
+                   f"write {words}.")
+    assert not (tmp_path / "out").exists()
+    assert BaseRecipe.from_file(_written(tmp_path / "ok.json", {**TOY, "vae_learning_rate": 1})).vae_learning_rate == 1
+
+
+def _written(path: Path, recipe: dict) -> Path:
+    path.write_text(json.dumps(recipe))
+    return path

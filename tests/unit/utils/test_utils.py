@@ -1,4 +1,4 @@
-"""The small shared helpers: atomic folders, device and dtype choice, free ports."""
+"""The small shared helpers: atomic files and folders, device and dtype choice, free ports."""
 from __future__ import annotations
 
 import socket
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from defect_ds.utils.device import cpu_has_native_bf16, cpu_name, resolve_device, resolve_dtype
-from defect_ds.utils.files import atomic_folder
+from defect_ds.utils.files import (DiskFullError, atomic_folder, atomic_write_bytes, atomic_write_json,
+                                   atomic_write_text)
 from defect_ds.utils.net import free_port
 
 
@@ -36,6 +37,33 @@ def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
         (tmp / "json").write_text("new")
     assert (final / "json").read_text() == "new"
     assert sorted(p.name for p in final.parent.iterdir()) == ["k-000001"]
+
+
+def test_atomic_writes_replace_the_file_whole(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"b": 1, "a": [1, 2]}, sort_keys=True)
+    assert path.read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+    atomic_write_text(path, "second")
+    assert path.read_text() == "second"
+    atomic_write_bytes(tmp_path / "x.bin", b"\0\1")
+    assert (tmp_path / "x.bin").read_bytes() == b"\0\1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "x.bin"]  # no temporary left
+
+
+def test_a_full_disk_keeps_the_old_file_and_says_so_in_one_sentence(tmp_path, full_disk):
+    path = tmp_path / "downstream.json"
+    atomic_write_json(path, {"old": True})
+    full_disk.fill()
+    with pytest.raises(DiskFullError) as e:
+        atomic_write_json(path, {"new": "x" * 10_000})  # a plain write would leave 4096 bytes of it
+    assert str(e.value) == (f"No space left while writing {path}; nothing there was changed; free space and "
+                            "rerun.")
+    assert path.read_text() == '{\n  "old": true\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downstream.json"]
+    with pytest.raises(DiskFullError, match=r"writing .*k-000001; nothing there was changed; resume"):
+        with atomic_folder(tmp_path / "k-000001", advice="resume") as tmp:
+            (tmp / "image.png").write_bytes(b"x" * 5000)
+    assert not (tmp_path / "k-000001").exists()
 
 
 def test_device_and_dtype_rules():
