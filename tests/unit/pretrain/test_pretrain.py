@@ -3,6 +3,7 @@ the scaling factor comes from the data, defects are never seen, and an interrupt
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
