@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from defect_ds.model.lora_targets import TEXT_SIDE_TARGETS
+
 
 class ConfigError(ValueError):
     """A bad setting; the message is one sentence naming the field, the value and the fix."""
@@ -247,10 +249,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# LoRA targets that act on text tokens: never gated, so with them a zero mask is not the base model.
-TEXT_SIDE_TARGETS = ("attn2.to_k", "attn2.to_v", "add_k_proj", "add_v_proj")
 
 
 def check_prior_preservation(model: ModelConfig, lora: LoraConfig) -> None:

@@ -12,12 +12,10 @@ resumed epoch (`skip_batches=k`) yields exactly batches k, k+1, ... of an uninte
    from the manifest) and, if a corrupt shard made it short, padded by repeating earlier samples.
 4. Batch b of the rank goes to worker (b - skip) % num_workers, so the DataLoader's round-robin
    returns batches in order whatever the worker count; skipped batches are never decoded.
-5. Decode, checks, joint torchvision v2 transforms; flips and crops come from a hash of
-   (seed, epoch, key, copy), not from a global RNG. A bad sample is replaced by a good one of the same
-   batch (data.bad_sample_policy=warn, counted) or raises naming it (fail): batches stay full.
-
-    python -c "from defect_ds.config import DataConfig; from defect_ds.data.loader import build_loader; \
-print(next(iter(build_loader(DataConfig(), micro_batch_size=2, rank=0, world_size=1, seed=0, epoch=0)))['mask'].shape)"
+5. Decode, checks, joint torchvision v2 transforms; flips, crops and the draw from a latent sample's
+   VAE posterior come from a hash of (seed, epoch, key, copy), not from a global RNG. A bad sample is
+   replaced by a good one of the same batch (data.bad_sample_policy=warn, counted) or raises naming it
+   (fail): batches stay full.
 """
 from __future__ import annotations
 
@@ -232,6 +230,13 @@ def augment_decisions(seed: int, epoch: int, key: str, copy: str) -> tuple[bool,
     return bool(h & 1), bool(h >> 1 & 1), (h >> 8 & 0xFFFF) / 65536, (h >> 24 & 0xFFFF) / 65536
 
 
+def posterior_generator(seed: int, epoch: int, key: str, copy: str) -> torch.Generator:
+    """The generator of one copy of one latent sample's VAE posterior draw in one epoch: seeded from a hash,
+    like `augment_decisions`, so the draw does not depend on the worker count, the batch position or
+    what the trainer did to torch's global RNG (a resumed run draws exactly what the straight one drew)."""
+    return torch.Generator().manual_seed(_hash_int(seed, epoch, key, copy, "posterior"))
+
+
 @dataclass
 class _Bad:
     key: str
@@ -250,8 +255,9 @@ class _SampleTransform:
         try:
             hflip, vflip, cy, cx = augment_decisions(self.seed, self.epoch, key, raw["__copy__"])
             hflip, vflip = hflip and self.cfg.hflip, vflip and self.cfg.vflip
-            if self.kind == "latents":
-                out = transform_latent_sample(raw, self.cfg, hflip)
+            if self.kind == "latents":  # the posterior draw, too, is a function of the sample, not of a global RNG
+                out = transform_latent_sample(raw, self.cfg, hflip, posterior_generator(self.seed, self.epoch, key,
+                                                                                        raw["__copy__"]))
             else:
                 out = transform_image_sample(raw, self.cfg, hflip, vflip, (cy, cx) if self.cfg.random_crop else None)
         except Exception as e:

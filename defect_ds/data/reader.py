@@ -4,8 +4,6 @@ A data set here is any of: training shards (`defect-ds prepare`), a `defect-ds g
 folder (its samples/), or a folder of images (one subfolder per defect type). Masks for generation
 come from a folder of PNGs or from a data set's defect masks; good images to inpaint into come from a
 folder of images or a data set's `good` samples.
-
-    python -c "from defect_ds.data.reader import iter_dataset; print(sum(1 for _ in iter_dataset('work/data')))"
 """
 from __future__ import annotations
 

@@ -3,8 +3,6 @@
 A shard is written under a hidden temporary name and renamed when complete; the manifest is written
 last, also by rename. So a folder with a manifest is complete, and an interrupted run leaves no
 `.tar` that looks complete but is not (only `.*.partial` files, which nothing reads).
-
-    python -c "from defect_ds.data import read_manifest; print(read_manifest('work/data/synthetic/shards'))"
 """
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def environment() -> dict:
     import sklearn
     import torch
 
-    from defect_ds.perf.sweep import cpu_name
+    from defect_ds.utils.device import cpu_name
 
     return {"device": cpu_name(), "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "scikit_learn": sklearn.__version__}

@@ -25,7 +25,6 @@ Masks: area, elongation, components and position on the object, generated agains
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -347,13 +346,13 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
              real_splits: tuple[str, ...] | None = None, resolution_px: int = 0, batch_size: int = 32,
              kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
              device: str = "auto", grid_per_row: int = 8) -> dict:
-    """Computes every score, writes report.json, report.md and grid.png to out_dir; returns the report."""
+    """Scores the generated images against the real ones (`score_sets`), then writes report.json, report.md,
+    grid.png and masks.png to out_dir (`write_report`); returns the report."""
     weights = resolve_inception_weights(inception_weights)  # fail before any image is read
     lpips_dir = lpips_weights or os.environ.get(ENV_LPIPS)
     cuda = resolve_device(device).type == "cuda"
     extractor = build_inception(weights, cuda)  # read as tensors only; a crafted file stops here
     cache_dir = Path(cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "defect_ds" / "fidelity")
-    out_dir = Path(out_dir)
 
     first = next(iter_dataset(generated), None)
     if first is None:
@@ -361,9 +360,8 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
     size = resolution_px or min(load_rgb(first["image"]).shape[:2])
     gen = load_set(generated, size)
     real_all = load_set(real, size, real_splits)
-    types = sorted({g["defect_type"] for g in gen})
-    weights_digest = file_digest(weights)
-    kwargs = fidelity_kwargs(batch_size, cuda)
+    report: dict = {"generated": str(generated), "real": str(real), "inception_weights": str(weights),
+                    "inception_weights_sha256": file_digest(weights), "resolution_px": size}
     lpips_distance, lpips_reason = None, ""
     if lpips_dir:
         try:
@@ -372,26 +370,44 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
             lpips_reason = str(e)
     else:
         lpips_reason = f"no LPIPS weights: pass --lpips-weights DIR or set ${ENV_LPIPS}"
+    scorer = Scorer(extractor, report["inception_weights_sha256"], fidelity_kwargs(batch_size, cuda), cache_dir,
+                    kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_splits=isc_splits,
+                    lpips_distance=lpips_distance, lpips_reason=lpips_reason)
+    comparison = score_sets(report, gen, real_all, scorer)
+    write_report(report, comparison, gen, real_all, Path(out_dir), cell_px=max(128, min(256, size)),
+                 per_row=grid_per_row)
+    return report
 
-    report: dict = {"generated": str(generated), "real": str(real), "inception_weights": str(weights),
-                    "inception_weights_sha256": weights_digest, "resolution_px": size, "per_defect_type": {},
-                    "notes": []}
-    features: dict[str, dict] = {}
-    names: dict[str, str] = {}
-    for side, items in (("gen", gen), ("real", real_all)):
-        for t in types:
-            images = [s["image"] for s in items if s["defect_type"] == t]
-            if images:
-                names[f"{side}/{t}"] = f"defectds-{images_digest(images)[:24]}-{weights_digest[:12]}"
-                features[f"{side}/{t}"] = extract_features(extractor, images, names[f"{side}/{t}"], kwargs,
-                                                            cache_dir)
 
-    def scores(selected: list[str], gen_items: list[dict], real_items: list[dict]) -> dict:
-        cat = lambda side: _concat([features[f"{side}/{t}"] for t in selected if f"{side}/{t}" in features])  # noqa
-        name = lambda side: "defectds-" + hashlib.sha256("+".join(  # noqa: E731
-            names.get(f"{side}/{t}", "") for t in selected).encode()).hexdigest()[:24] + f"-{weights_digest[:12]}"
-        m, notes = fidelity_metrics(cat("gen"), cat("real"), name("gen"), name("real"), extractor, kwargs,
-                                    kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_splits=isc_splits)
+class Scorer:
+    """Scores of a selection of defect types: FID, KID and IS by torch-fidelity on features extracted once
+    per (side, defect type) and cached, mask localisation, masked pixel diversity and IC-LPIPS."""
+
+    def __init__(self, extractor, weights_digest: str, kwargs: dict, cache_dir: Path, *, kid_subset_size: int,
+                 kid_subsets: int, isc_splits: int,
+                 lpips_distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, lpips_reason: str):
+        self.extractor, self.weights_digest, self.kwargs, self.cache_dir = extractor, weights_digest, kwargs, cache_dir
+        self.kid_subset_size, self.kid_subsets, self.isc_splits = kid_subset_size, kid_subsets, isc_splits
+        self.lpips_distance, self.lpips_reason = lpips_distance, lpips_reason
+        self.features: dict[str, dict] = {}  # "gen/<type>", "real/<type>" -> torch-fidelity features
+        self.names: dict[str, str] = {}  # the same keys -> cache names (pixels hash + weights hash)
+
+    def extract(self, sets: dict[str, list[dict]], types: list[str]) -> None:
+        """Features of each side ("gen", "real") and defect type that has images."""
+        for side, items in sets.items():
+            for t in types:
+                images = [s["image"] for s in items if s["defect_type"] == t]
+                if images:
+                    key = f"{side}/{t}"
+                    self.names[key] = f"defectds-{images_digest(images)[:24]}-{self.weights_digest[:12]}"
+                    self.features[key] = extract_features(self.extractor, images, self.names[key], self.kwargs,
+                                                          self.cache_dir)
+
+    def scores(self, selected: list[str], gen_items: list[dict], real_items: list[dict]) -> dict:
+        m, notes = fidelity_metrics(self._features("gen", selected), self._features("real", selected),
+                                    self._name("gen", selected), self._name("real", selected), self.extractor,
+                                    self.kwargs, kid_subset_size=self.kid_subset_size, kid_subsets=self.kid_subsets,
+                                    isc_splits=self.isc_splits)
         m.update(num_generated=len(gen_items), num_real=len(real_items))
         loc = [mask_localisation(s["image"], s["source"], s["mask"]) for s in gen_items
                if s["source"] is not None and s["mask"] is not None]
@@ -403,44 +419,62 @@ def evaluate(generated: str | Path, real: str | Path, out_dir: str | Path, *, in
         with_masks = [s for s in gen_items if s["mask"] is not None]
         m["masked_pixel_diversity"] = masked_pixel_diversity([s["image"] for s in with_masks],
                                                              [s["mask"] for s in with_masks])
-        if lpips_distance is not None:
+        if self.lpips_distance is not None:
             per_type = [ic_lpips([s["image"] for s in gen_items if s["defect_type"] == t],
                                  cluster_centres([s["image"] for s in real_items if s["defect_type"] == t]),
-                                 lpips_distance)
+                                 self.lpips_distance)
                         for t in selected]
             per_type = [v for v in per_type if v is not None]
             m["ic_lpips"] = float(np.mean(per_type)) if per_type else None
         else:
             m["ic_lpips"] = None
-            m["ic_lpips_unavailable"] = lpips_reason
+            m["ic_lpips_unavailable"] = self.lpips_reason
         m["notes"] = notes
         return m
 
-    for t in types:
-        report["per_defect_type"][t] = scores([t], [s for s in gen if s["defect_type"] == t],
-                                              [s for s in real_all if s["defect_type"] == t])
-    report["overall"] = scores(types, gen, [s for s in real_all if s["defect_type"] in types])
-    missing = [t for t in types if f"real/{t}" not in features]
-    if missing:
-        report["notes"].append(f"no real images of {', '.join(missing)} in {real}; their FID/KID are n/a")
-    if lpips_distance is None:
-        report["notes"].append(f"IC-LPIPS not computed: {lpips_reason}")
+    def _features(self, side: str, selected: list[str]) -> dict | None:
+        return _concat([self.features[f"{side}/{t}"] for t in selected if f"{side}/{t}" in self.features])
 
+    def _name(self, side: str, selected: list[str]) -> str:
+        joined = "+".join(self.names.get(f"{side}/{t}", "") for t in selected)
+        return f"defectds-{hashlib.sha256(joined.encode()).hexdigest()[:24]}-{self.weights_digest[:12]}"
+
+
+def score_sets(report: dict, gen: list[dict], real: list[dict], scorer: Scorer) -> dict:
+    """Adds the scores per defect type and over all types, notes and mask statistics to `report` (whose
+    "real" names the real set); returns the mask comparison, for the figure."""
+    types = sorted({g["defect_type"] for g in gen})
+    report.update(per_defect_type={}, notes=[])
+    scorer.extract({"gen": gen, "real": real}, types)
+    for t in types:
+        report["per_defect_type"][t] = scorer.scores([t], [s for s in gen if s["defect_type"] == t],
+                                                     [s for s in real if s["defect_type"] == t])
+    report["overall"] = scorer.scores(types, gen, [s for s in real if s["defect_type"] in types])
+    missing = [t for t in types if f"real/{t}" not in scorer.features]
+    if missing:
+        report["notes"].append(f"no real images of {', '.join(missing)} in {report['real']}; their FID/KID are n/a")
+    if scorer.lpips_distance is None:
+        report["notes"].append(f"IC-LPIPS not computed: {scorer.lpips_reason}")
+    comparison = compare_masks(gen, real, types)  # do the generated masks look like the real ones?
+    report["masks"] = {t: {side: e[side] for side in ("generated", "real")} for t, e in comparison.items()}
+    return comparison
+
+
+def write_report(report: dict, comparison: dict, gen: list[dict], real: list[dict], out_dir: Path, *,
+                 cell_px: int, per_row: int) -> None:
+    """grid.png (generated and real images per type, masks outlined), masks.png, report.json and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for t in types:
-        rows.append((f"{t}: generated", [(s["image"], s["mask"]) for s in gen if s["defect_type"] == t][:grid_per_row]))
-        real_t = [(s["image"], s["mask"]) for s in real_all if s["defect_type"] == t][:grid_per_row]
+    for t in report["per_defect_type"]:
+        rows.append((f"{t}: generated", [(s["image"], s["mask"]) for s in gen if s["defect_type"] == t][:per_row]))
+        real_t = [(s["image"], s["mask"]) for s in real if s["defect_type"] == t][:per_row]
         if real_t:
             rows.append((f"{t}: real", real_t))
-    grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=max(128, min(256, size)))
-    comparison = compare_masks(gen, real_all, types)  # do the generated masks look like the real ones?
-    report["masks"] = {t: {side: e[side] for side in ("generated", "real")} for t, e in comparison.items()}
+    grid = save_pair_grid(rows, out_dir / "grid.png", cell_px=cell_px)
     figure = save_mask_figure(comparison, out_dir / "masks.png")
     pictures = [str(grid)] + ([str(figure)] if figure else [])
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report, pictures))
-    return report
 
 
 def _concat(dicts: list[dict]) -> dict | None:

@@ -1,6 +1,4 @@
 """Pictures and a short markdown report: sample grids with mask overlays, and the metric table.
-
-    python -c "from defect_ds.evaluate.report import save_sample_grid; save_sample_grid('out/gen/samples', 'grid.png')"
 """
 from __future__ import annotations
 
@@ -10,26 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from defect_ds.data.masks import overlay_mask
 from defect_ds.data.sample import mask_array
 from defect_ds.evaluate.mask_stats import masks_markdown
 from defect_ds.utils.files import atomic_file
-
-OVERLAY_RGB = (255, 40, 40)
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, cell_px: int = 128) -> np.ndarray:
-    """The image enlarged a whole number of times towards `cell_px` (nearest; never shrunk) with the
-    mask's outline drawn in red just outside it (uint8). Pixels inside the mask are left as they are, so
-    a defect one pixel wide stays visible inside its outline, and the outline is thin beside it."""
-    scale = max(1, cell_px // image.shape[0])
-    m = np.kron(mask.astype(bool), np.ones((scale, scale), bool))
-    out = np.kron(image, np.ones((scale, scale, 1), image.dtype)) if scale > 1 else image.copy()
-    padded = np.pad(m, 1, constant_values=False)
-    grown = m.copy()
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        grown |= padded[dy:dy + m.shape[0], dx:dx + m.shape[1]]
-    out[grown & ~m] = OVERLAY_RGB
-    return out.astype(np.uint8)
 
 
 def make_grid(rows: list[tuple[str, list[np.ndarray]]], cell_px: int = 128, pad_px: int = 2,

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
+from defect_ds.data.masks import KINDS
 from defect_ds.data.mvtec import write_mvtec
 from defect_ds.data.reader import load_mask_pool, load_sources
 from defect_ds.evaluate.report import save_sample_grid
 from defect_ds.generate.mask_model import load_mask_model
-from defect_ds.generate.masks import KINDS
 from defect_ds.generate.output import check_resume, sample_done, write_sample, write_shards
-from defect_ds.generate.pipeline import (SCHEDULERS, build_pipeline, generate_batch, planned_resolution,
-                                         set_scheduler)
+from defect_ds.generate.pipeline import build_pipeline, generate_batch, planned_resolution
 from defect_ds.generate.spec import DEFAULT_PROMPT, MASK_SOURCES, MODES, GenerationSettings, plan_samples
+from defect_ds.model.sampling import SCHEDULERS, set_scheduler
 from defect_ds.utils.device import resolve_device, resolve_dtype
 from defect_ds.utils.quiet import quiet_libraries
 

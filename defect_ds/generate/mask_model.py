@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defect_ds.data.masks import augment_mask
 from defect_ds.data.reader import iter_dataset, load_mask_pool
-from defect_ds.generate.masks import augment_mask
 from defect_ds.utils.files import atomic_folder
 
 WEIGHTS_FILE = "mask_model.safetensors"

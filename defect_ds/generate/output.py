@@ -4,8 +4,6 @@ that a resumed run must match.
     OUT_DIR/generation.json              the settings the folder was started with
     OUT_DIR/samples/<type>-NNNNNN/       image.png, mask.png, caption.txt, json (+ source.png)
     OUT_DIR/shards/                      train-NNNNNN.tar + manifest.json, as `defect-ds prepare` writes them
-
-    python -c "from defect_ds.generate.output import write_shards; print(write_shards('out/gen', {}, 1000))"
 """
 from __future__ import annotations
 

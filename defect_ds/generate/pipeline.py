@@ -1,12 +1,11 @@
 """The diffusers pipeline of `defect-ds generate`: trained weights loaded, one batch denoised.
 
-    python -c "from defect_ds.generate.pipeline import build_pipeline; print(build_pipeline(run='runs/default')[1])"
-
 Two modes. text2img: the prompt with the defect's learned token and a mask draw a whole new image;
 the mask gates the LoRA, so the fine-tuned defect appears there. inpaint: a defect is painted into
 a given good image; the latents outside the mask's latent cells are held to the source's while
-denoising (`latent_cells`), and the decoded result is composited in pixel space (`mask * generated + (1 - mask) * source`), so every
-pixel outside the mask is the source's, bit for bit, and the mask is an exact label.
+denoising (`latent_cells`), and the decoded result is composited in pixel space
+(`mask * generated + (1 - mask) * source`), so every pixel outside the mask is the source's, bit for
+bit, and the mask is an exact label. The pipeline itself is built by `model/sampling.py`.
 """
 from __future__ import annotations
 
@@ -22,26 +21,9 @@ from defect_ds.data.captions import DEFAULT_TOKEN_PREFIX
 from defect_ds.generate.spec import GenerationSettings, SampleSpec
 from defect_ds.model.components import check_model_dir
 from defect_ds.model.mask_gating import enable_mask_gating, mask_context
+from defect_ds.model.sampling import load_pipeline
 from defect_ds.train.export import (LORA_FILE, check_embedding_files, check_lora_file, find_export, load_export,
                                     read_export_meta)
-
-SCHEDULERS = ("ddim", "dpm++", "euler")
-
-
-def set_scheduler(pipe, name: str) -> None:
-    """Replaces the pipeline's scheduler, keeping the model's noise schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    config = pipe.scheduler.config
-    if name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(config)
-    elif name == "dpm++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
-                                                                 solver_order=2)
-    elif name == "euler":
-        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
-    else:
-        raise ValueError(f"Unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
 def planned_resolution(*, run: str | None = None, base_model: str | None = None) -> int:
@@ -72,8 +54,6 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
     mask_resize: how the gate resizes masks (None: as the export.json of the weights says, else nearest,
     the default of exports older than the field).
     """
-    from diffusers import StableDiffusionPipeline
-
     meta: dict = {}
     export_dir = None
     if run:
@@ -87,8 +67,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
         raise ValueError("No base model: the export names none, so pass --base-model DIR.")
     check_model_dir(base_model)
     loose = resolve_embeddings(embeddings or [])  # checked before the (slow) model load
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = load_pipeline(base_model, dtype)
     lora_file = ""
     if export_dir is not None:
         load_export(pipe, export_dir, mask_gating=mask_gating, mask_resize=mask_resize)
@@ -114,7 +93,6 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
             check_embedding_files(pipe.text_encoder, sorted({f for _, f in loose.values()}))
             pipe.load_textual_inversion(sorted({str(f) for _, f in loose.values()}))
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
     gate = getattr(pipe.unet, "mask_gate", None)
     info = {"export": str(export_dir) if export_dir else "", "export_step": meta.get("step"),
             "base_model": str(Path(base_model).resolve()), "resolution_px": meta.get("resolution_px"),

@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 
+from defect_ds.data.masks import augment_mask, place_on_object, random_mask
+from defect_ds.data.objects import centre_region, object_region
 from defect_ds.data.reader import MaskPool
 from defect_ds.data.sample import sanitise_key
-from defect_ds.data.objects import centre_region, object_region
-from defect_ds.generate.masks import augment_mask, place_on_object, random_mask
 
 MODES = ("text2img", "inpaint")
 MASK_SOURCES = ("procedural", "files", "dataset", "augmented", "learned")

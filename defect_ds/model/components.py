@@ -1,6 +1,6 @@
 """Loads and checks the Stable Diffusion parts of any local diffusers folder, and decides what trains.
 
-    python -c "from defect_ds.model.components import check_model_dir; check_model_dir('work/tiny-sd')"
+    python -c "from defect_ds.model.components import check_model_dir; print(check_model_dir('models/tiny-defect-base'))"
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """The model a run trains, built from its config sections, and the diffusion loss of one batch.
 
     python -c "from defect_ds.config import RunConfig as R; from defect_ds.model.defect_model import build_model; \\
-c = R(); print(build_model(c.model, c.lora, c.textual_inversion, c.loss, tokens=[]))"
+c = R(); c.model.pretrained_dir = 'models/tiny-defect-base'; \\
+print(build_model(c.model, c.lora, c.textual_inversion, c.loss, tokens=[]).mask_gating)"
 
 `DefectDiffusionModel` is what the DeepSpeed engine wraps: the UNet (with LoRA) and the text encoder
 (with learned tokens). Its `loss` holds the whole objective, as the model classes of
 mosaicml/diffusion do: VAE encoding (or stored latents), noise, timesteps, target, mask-weighted loss.
-The trainer calls it, then runs backward and the optimizer step.
+The trainer calls it, then runs backward and the optimizer step. Its `generate` draws images with the
+weights as they are (the training sample grid).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from defect_ds.config import LoraConfig, LossConfig, ModelConfig, TextualInversi
 from defect_ds.model import objective
 from defect_ds.model.components import add_lora, load_components, set_trainable, tokenize
 from defect_ds.model.mask_gating import enable_mask_gating, set_mask
+from defect_ds.model.sampling import assemble_pipeline, generate
 from defect_ds.model.textual_inversion import add_tokens, expand_prompt
 
 
@@ -129,6 +132,26 @@ class DefectDiffusionModel(nn.Module):
             return (batch["latents"].to(device, non_blocking=True) * scale).float()
         pixels = batch["pixel_values"].to(device, self.compute_dtype, non_blocking=True)
         return self.vae.encode(pixels).latent_dist.sample(generator=generator).float() * scale
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, resolution_px: int, steps: int, seed: int,
+                 masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, R, R) float32 images in [0, 1] on the CPU, one per prompt, drawn with DDIM from the weights
+        as they are now; learned tokens in the prompts are spelled out here. masks (N, 1, R, R) gate the
+        LoRA when mask gating is on. Under ZeRO-3 every rank must call it (weights are gathered collectively)."""
+        from diffusers import DDIMScheduler  # diffusers is slow to import
+
+        was_training = self.unet.training
+        self.unet.eval()
+        pipe = assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet,
+                                 DDIMScheduler.from_config(self.noise_scheduler.config))
+        dtype = self.compute_dtype
+        # frozen weights are stored in the compute dtype: the pipeline runs under the same autocast
+        with torch.autocast(self.vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images = generate(pipe, [self.prompt_text(p) for p in prompts], resolution_px=resolution_px,
+                              steps=steps, seed=seed, masks=masks if self.mask_gating else None)
+        self.unet.train(was_training)
+        return images
 
     def prompt_text(self, prompt: str) -> str:
         """The prompt with every multi-vector token spelled out, as the tokenizer must see it."""

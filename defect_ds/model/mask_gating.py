@@ -3,9 +3,9 @@
 Every LoRA adapter that acts on spatial features (self-attention q/k/v/out, cross-attention q/out,
 feed-forward and projection layers) has its update multiplied by the segmentation mask, resized to
 that layer's own token grid (8x8, 4x4, ... for a 64x64 latent) and still exactly 0/1. Two resizes:
-`nearest` samples one pixel per token; `max` marks a token as defect when any pixel of its patch
-is, so a scratch thinner than a token's patch is never dropped (nearest keeps a 1 px scratch only
-where it happens to cross the sampled pixel).
+`nearest` samples one pixel per token; `max` (the default, as in the run config) marks a token as
+defect when any pixel of its patch is, so a scratch thinner than a token's patch is never dropped
+(nearest keeps a 1 px scratch only where it happens to cross the sampled pixel).
 Cross-attention keys and values act on text tokens, which have no position, and are not gated.
 So the fine-tuned behaviour lives only inside the mask and the frozen base model paints the rest.
 
@@ -25,17 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defect_ds.config import TEXT_SIDE_TARGETS
-
-# Adapters of these layers act on text tokens, not on spatial positions (one list, shared with the
-# config check of prior preservation).
-_TEXT_INPUT_SUFFIXES = TEXT_SIDE_TARGETS
+from defect_ds.model.lora_targets import TEXT_SIDE_TARGETS
 
 
 RESIZE_MODES = ("nearest", "max")
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "max") -> torch.Tensor:
     """A (B, 1, H, W) 0/1 mask resized to `size`, still exactly 0/1.
 
     nearest: one sampled pixel per output cell; max: 1 where any pixel of the cell's patch is 1
@@ -52,7 +48,7 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "nearest"
 class MaskGate:
     """Holds the current mask and gates the outputs of the hooked LoRA up-projections."""
 
-    def __init__(self, resize: str = "nearest") -> None:
+    def __init__(self, resize: str = "max") -> None:
         if resize not in RESIZE_MODES:
             raise ValueError(f"Unknown mask resize {resize!r}: use one of {', '.join(RESIZE_MODES)}.")
         self.resize = resize
@@ -109,10 +105,10 @@ def grid_for_tokens(mask_hw: tuple[int, int] | torch.Size, num_tokens: int) -> t
 
 
 def is_spatial_adapter(module_name: str) -> bool:
-    return not any(module_name.endswith(s) for s in _TEXT_INPUT_SUFFIXES)
+    return not module_name.endswith(TEXT_SIDE_TARGETS)
 
 
-def enable_mask_gating(unet: nn.Module, resize: str = "nearest") -> MaskGate:
+def enable_mask_gating(unet: nn.Module, resize: str = "max") -> MaskGate:
     """Hooks every spatial LoRA layer of `unet`; returns the gate (also kept as `unet.mask_gate`).
 
     resize: how the mask reaches each layer's grid, `nearest` or `max` (see `resize_mask`)."""

@@ -1,6 +1,6 @@
 """Diffusion training maths as pure functions over tensors: noise, timesteps, targets, weights, loss.
 
-    python -m pytest tests/test_diffusion.py -q
+    python -m pytest tests/unit/model/test_objective.py -q
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from defect_ds.config import LoraConfig, ModelConfig
+from defect_ds.perf.cpu_peak import matmul_tflops
 from defect_ds.perf.flops import FlopBreakdown, measure_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets. Matched
@@ -160,7 +161,5 @@ def make_meter(model_cfg: ModelConfig, lora_cfg: LoraConfig, resolution_px: int,
     device = dist_info.device
     peak = peak_tflops(device_name(device), peak_tflops_override)
     if peak is None and device.type == "cpu":
-        from defect_ds.perf.cpu_peak import matmul_tflops
-
         peak = matmul_tflops(getattr(model, "compute_dtype", torch.float32), seconds=0.3)
     return ThroughputMeter(flops, world_size=dist_info.world_size, peak_tflops=peak, device=device)

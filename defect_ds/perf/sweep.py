@@ -39,6 +39,7 @@ from typing import Any
 from defect_ds.config import load_config
 from defect_ds.perf.mfu import peak_tflops
 from defect_ds.perf.sweep_report import write_results
+from defect_ds.utils.device import cpu_name  # benchmarks/ and downstream/ import it from here too
 from defect_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -328,16 +329,6 @@ def environment(num_gpus: int, cuda: bool, env: dict[str, str]) -> dict[str, Any
         info["cpu_peak_tflops"] = {**json.loads(out.stdout.strip().splitlines()[-1]), "threads": threads}
     info["peak_tflops"] = peak_tflops(info["device"]) if cuda else None
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ---- the command --------------------------------------------------------------------------------

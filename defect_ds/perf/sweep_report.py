@@ -1,8 +1,4 @@
 """The results of a `defect-ds bench` sweep: raw JSON, a markdown table with the set-up, a PNG plot.
-
-    python -c "import json; from defect_ds.perf.sweep_report import write_results; \\
-        d = json.load(open('benchmarks/results/sweep-cpu-2026-11-24-zero-accum-batch.json')); \\
-        write_results(d['points'], d['environment'], 'redrawn')"
 """
 from __future__ import annotations
 

@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.data.sample import GOOD
+from defect_ds.model.components import tokenize
+from defect_ds.model.sampling import assemble_pipeline, generate, load_pipeline, set_scheduler
+from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 from defect_ds.pretrain import stages
 from defect_ds.pretrain.recipe import BaseRecipe
 from defect_ds.utils.device import cpu_has_native_bf16
 from defect_ds.utils.files import atomic_folder, atomic_write_json, atomic_write_text, disk_full_as_sentence
 from defect_ds.utils.quiet import quiet_libraries
-from defect_ds.data.reader import iter_dataset, load_rgb
-from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 
 STATE = "train_state"
 RESUME_ADVICE = "free space and rerun the same command to resume"
@@ -110,13 +112,11 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
     `StableDiffusionPipeline.from_pretrained(out)` upcasts diffusers' models to fp32 but transformers
     (5.x) keeps the text encoder's stored dtype, and an fp16 text encoder feeding an fp32 UNet fails at
     the first call (Half and Float); it is the smallest of the three, so fp32 costs little."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
     if half:
         unet, vae = unet.to(torch.float16), vae.to(torch.float16)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer,
-                                   unet=unet, scheduler=DDPMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(vae, text_encoder.to(torch.float32), tokenizer, unet, DDPMScheduler(**SCHEDULER))
     tmp = out / "pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_libraries(), disk_full_as_sentence(out, RESUME_ADVICE):  # a "Writing model shards" bar each
@@ -132,22 +132,15 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, half: bool) ->
 @torch.no_grad()
 def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
     """One row per distinct caption, SAMPLE_SEEDS samples each, drawn by the saved pipeline."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from torchvision.utils import make_grid, save_image
 
     with quiet_libraries():
-        pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
-                                                       requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(out)
+    set_scheduler(pipe, "dpm++")
     prompts = sorted(set(captions))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    rows = []
-    for prompt in prompts:
-        gen = torch.Generator().manual_seed(0)
-        images = pipe([prompt] * SAMPLE_SEEDS, num_inference_steps=steps, guidance_scale=3.0, generator=gen,
-                      height=size, width=size, output_type="pt").images
-        rows.append(images)
+    rows = [generate(pipe, [prompt] * SAMPLE_SEEDS, resolution_px=size, steps=steps, seed=0, guidance_scale=3.0)
+            for prompt in prompts]
     path = out / "samples.png"
     save_image(make_grid(torch.cat(rows), nrow=SAMPLE_SEEDS, padding=2), path)
     atomic_write_json(out / "samples.json", {"rows": prompts, "seeds_per_row": SAMPLE_SEEDS, "steps": steps,
@@ -221,9 +214,9 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = stages.build_text_encoder(recipe, tokenizer)
     scheduler = DDPMScheduler(**SCHEDULER)
     sf = vae.config.scaling_factor
-    train_set = stages.LatentSet(vae, train_images, stages.token_ids(tokenizer, train_captions), sf)
-    val_set = stages.LatentSet(vae, val_images, stages.token_ids(tokenizer, val_captions), sf)
-    empty = stages.token_ids(tokenizer, [""])[0]
+    train_set = stages.LatentSet(vae, train_images, tokenize(tokenizer, train_captions), sf)
+    val_set = stages.LatentSet(vae, val_images, tokenize(tokenizer, val_captions), sf)
+    empty = tokenize(tokenizer, [""])[0]
     unet, text_encoder = stages.train_unet(
         train_set, val_set, empty, unet, text_encoder, scheduler, recipe, state_dir / "unet.pt",
         progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from defect_ds.model import objective
 from defect_ds.pretrain.recipe import BaseRecipe
 from defect_ds.utils.files import disk_full_as_sentence
 
@@ -193,11 +194,6 @@ def build_text_encoder(recipe: BaseRecipe, tokenizer):
         pad_token_id=tokenizer.pad_token_id))
 
 
-def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
 class LatentSet:
     """Latent distributions of a split, both orientations, with each image's caption ids."""
 
@@ -217,9 +213,10 @@ class LatentSet:
 
 def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, scheduler,
                    gen: torch.Generator, precision: str) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=gen)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    # noise, timesteps and noising as fine-tuning draws them (model/objective.py)
+    noise = objective.sample_noise(latents, 0.0, gen)
+    timesteps = objective.sample_timesteps(len(latents), scheduler.config.num_train_timesteps, gen, latents.device)
+    noisy = objective.add_noise(latents, noise, timesteps, scheduler.alphas_cumprod)
     with autocast(precision):
         text = text_encoder(ids)[0]
         pred = unet(noisy, timesteps, text).sample

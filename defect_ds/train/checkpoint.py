@@ -11,9 +11,6 @@ Checkpoints are lean: only what trains (LoRA, token vectors, or the UNet in full
 optimizer state, the schedule, RNG and data position. The frozen base is not saved (for SD 1.5 it
 was 3.94 GB beside a 6.2 MB LoRA); a resume loads it from model.pretrained_dir again and refuses to
 go on when that folder's fingerprint differs from the one the checkpoint recorded.
-
-    python -c "from pathlib import Path; from defect_ds.train.checkpoint import find_resume_tag as f; \
-print(f(Path('runs/default/checkpoints'), 'latest'))"
 """
 from __future__ import annotations
 

@@ -7,8 +7,6 @@ An export folder holds
     export.json                        base model, tokens per defect type, settings, step
 Folders are written under a temporary name and renamed, so a folder that exists is complete. A run
 writes `exports/step-NNNNNNN/` beside each engine checkpoint (pruned with them) and `export/` at the end.
-
-    python -c "from defect_ds.train.export import read_export_meta; print(read_export_meta('runs/default/export'))"
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""What the loop keeps an eye on besides the step: the log interval's tallies, non-finite values,
-the profiler window. Each is a small object the loop calls at fixed points of its schedule.
+"""What the loop does besides the step: the log interval's tallies, and the periodic actions (the
+non-finite check, the profiler window; the trainer adds logging, checkpoints and sample grids). Every
+action has the same two methods, `due(step)` and `run(step, state)`: the loop asks each action after
+every optimizer step, so adding one is a change in one place.
 
     python -c "import torch; from defect_ds.train.monitors import Interval; i = Interval(torch.device('cpu')); \
 i.add(torch.tensor(1.0), 4); print(i.samples)"
@@ -8,45 +10,75 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
+
+from defect_ds.train.state import TrainState
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or a trained weight became NaN or infinite."""
 
 
+class Action(Protocol):
+    """Something the loop does at some optimizer steps, after the step."""
+
+    def due(self, step: int) -> bool: ...
+
+    def run(self, step: int, state: TrainState) -> None: ...
+
+
+class Every:
+    """`fn(step, state)` every `every_steps` optimizer steps (0: never) and at `last_step` if one is given."""
+
+    def __init__(self, every_steps: int, fn: Callable[[int, TrainState], None], last_step: int | None = None):
+        self.every_steps, self.fn, self.last_step = every_steps, fn, last_step
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0 or step == self.last_step
+
+    def run(self, step: int, state: TrainState) -> None:
+        self.fn(step, state)
+
+
 class Interval:
     """Counters between two log steps; the loss stays on the device until it is logged."""
 
-    def __init__(self, device: torch.device, nonfinite: torch.Tensor | None = None):
+    def __init__(self, device: torch.device):
         self.start = time.perf_counter()
         self.loss_sum = torch.zeros((), device=device)
-        self.nonfinite = nonfinite if nonfinite is not None else torch.zeros((), device=device, dtype=torch.bool)
         self.micro_steps = self.steps = self.samples = 0
         self.data_wait_s = 0.0
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
         self.loss_sum += loss
-        self.nonfinite |= ~torch.isfinite(loss)
         self.micro_steps += 1
         self.samples += samples
 
-    def next(self) -> "Interval":
-        """A fresh interval that keeps this one's non-finite flag (it is checked again before a save)."""
-        return Interval(self.loss_sum.device, self.nonfinite)
-
 
 class FiniteCheck:
-    """Stops the run, on every rank at once, when any rank saw a NaN or infinite value.
+    """Stops the run, on every rank at once, when any rank saw a NaN or infinite loss since the start.
 
-    `on_diverged(what, step)` closes the logger and returns the sentence to raise (which checkpoint is kept)."""
+    `observe` every loss (no host sync); as an action it is due whenever one of `before` is (logging,
+    saving), so a diverged value is never logged as a number or checkpointed. `on_diverged(what, step)`
+    closes the logger and returns the sentence to raise (which checkpoint is kept)."""
 
-    def __init__(self, device: torch.device, on_diverged: Callable[[str, int], str]):
+    def __init__(self, device: torch.device, on_diverged: Callable[[str, int], str], before: tuple[Action, ...] = ()):
         self.device = device
         self.on_diverged = on_diverged
+        self.before = before
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.bool)
+
+    def observe(self, loss: torch.Tensor) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
+
+    def due(self, step: int) -> bool:
+        return any(action.due(step) for action in self.before)
+
+    def run(self, step: int, state: TrainState) -> None:
+        self.check(self.nonfinite, step)
 
     def check(self, nonfinite: torch.Tensor, step: int, what: str = "loss") -> None:
         flag = nonfinite.float()
@@ -74,15 +106,20 @@ class ProfilerWindow:
         self.first, self.count, self.end, self.out, self.device, self.log = first, count, end, out, device, log
         self.profiler: torch.profiler.profile | None = None
 
-    def at_step(self, step: int) -> None:
-        """Call with the optimizer steps done, before the loop and after every step."""
-        if self.profiler is None and self.first and step == self.first - 1 and step < self.end:
+    def due(self, step: int) -> bool:
+        """With the optimizer steps done, before the loop and after every step: the window starts or ends."""
+        starts = self.profiler is None and self.first and step == self.first - 1 and step < self.end
+        ends = self.profiler is not None and (step >= self.first + self.count - 1 or step >= self.end)
+        return bool(starts or ends)
+
+    def run(self, step: int, state: TrainState) -> None:
+        if self.profiler is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
             self.profiler.start()
-        elif self.profiler is not None and (step >= self.first + self.count - 1 or step >= self.end):
+        else:
             self.profiler.stop()
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.profiler.export_chrome_trace(str(self.out))

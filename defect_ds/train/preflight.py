@@ -4,9 +4,6 @@ A launch that fails here (a missing model folder, data that yields no full batch
 contradicts the run config, a resume tag that is not committed) stops in seconds with one sentence and
 leaves an existing run's config.json, metrics.jsonl and tensorboard/ as they were. No process group is
 needed: every rank reads the same files and reaches the same verdict.
-
-    python -c "from defect_ds.config import load_config; from defect_ds.train.preflight import check_run_inputs; \
-print(check_run_inputs(load_config('configs/default.toml'), world_size=1))"
 """
 from __future__ import annotations
 

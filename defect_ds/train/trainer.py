@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 train.py --config configs/default.toml
 
 The model and its loss are built in `model/defect_model.py`; this module sets up the engine, the
-optimizer and the schedule, and runs the loop: step, log, checkpoint, sample, profile.
+optimizer and the schedule, and runs the loop: a step, then each periodic action that is due (profile,
+non-finite check, log, checkpoint, sample grid). The loop's counters live in one `TrainState`.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from defect_ds.train import checkpoint as ckpt
 from defect_ds.train.distributed import DistInfo, from_rank0, uses_offload, zero_stage
 from defect_ds.train.export import Exporter
 from defect_ds.train.logger import make_logger
-from defect_ds.train.monitors import FiniteCheck, Interval, ProfilerWindow
+from defect_ds.train.monitors import Action, Every, FiniteCheck, Interval, ProfilerWindow
 from defect_ds.train.preflight import RunInputs, check_run_inputs
 from defect_ds.train.sample_grid import SampleGrids
+from defect_ds.train.state import TrainState
 from defect_ds.utils.device import resolve_dtype
 from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.quiet import quiet_libraries
@@ -40,11 +42,7 @@ class Trainer:
         self.inputs = inputs
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step = 0  # optimizer steps done
-        self.micro_step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.data_counts = [0, 0]  # this rank's bad samples replaced, samples padded, over the run
+        self.state = TrainState()
 
     # ---- building -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -87,9 +85,8 @@ class Trainer:
         self.exporter = Exporter(cfg.model, cfg.lora, cfg.textual_inversion, resolution_px=cfg.data.resolution_px,
                                  defect_tokens=defect_tokens, zero_stage=zero_stage(self.ds_config),
                                  is_main=self.dist.is_main)
-        self.grids = SampleGrids(cfg.logging, self.run_dir / "samples", resolution_px=cfg.data.resolution_px,
-                                 seed=cfg.train.seed, is_main=self.dist.is_main)
-        self.finite = FiniteCheck(device, self._diverged)
+        self.grids = SampleGrids(cfg.logging, self.model, self.run_dir / "samples",
+                                 resolution_px=cfg.data.resolution_px, seed=cfg.train.seed, is_main=self.dist.is_main)
         # what a lean checkpoint records so a resume can check it sits on the same base
         self.base_fingerprint = ckpt.base_fingerprint(cfg.model.pretrained_dir)
         self.trained_parameters = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -130,17 +127,15 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag, base_fingerprint=self.base_fingerprint,
                                      trained_parameters=self.trained_parameters)
-        self.step, self.micro_step = state["step"], state["micro_step"]
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.data_counts = list(state.get("data_counts", [0, 0]))
+        self.state.load_state_dict(state)
         ckpt.set_rng_state(state["rng"])
-        self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+        self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}")
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> torch.Tensor:
         """One micro batch: the model's loss, backward, and the engine's step (which applies the
         optimizer only at the accumulation boundary). Returns the loss, detached, on the device."""
-        seed = (self.cfg.train.seed * 1_000_003 + self.micro_step) * self.dist.world_size + self.dist.rank
+        seed = (self.cfg.train.seed * 1_000_003 + self.state.micro_step) * self.dist.world_size + self.dist.rank
         generator = torch.Generator(self.dist.device).manual_seed(seed)
         torch.manual_seed(seed)  # LoRA dropout, identical on an exact resume
         loss = self.model.loss(batch, generator, denoise=self.engine)
@@ -150,55 +145,67 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
         per_epoch = self.inputs.batches_per_epoch  # 1 or more: checked before the model loaded
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
-        interval = Interval(self.dist.device)
-        profiler = ProfilerWindow(cfg.logging.profile_at_step, cfg.logging.profile_steps, end,
-                                  self.run_dir / "profile" / f"trace-rank{self.dist.rank}.json",
-                                  self.dist.device, self.log.info)
-        profiler.at_step(self.step)
-        self.log.start(cfg.train.max_steps, self.step)
-        while self.step < end:
-            if self.batch_in_epoch >= per_epoch:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.interval = Interval(self.dist.device)
+        actions = self._actions(end)
+        self._run_due([self.profiler], state)  # a window that opens at the next step starts before it
+        self.log.start(cfg.train.max_steps, state.step)
+        while state.step < end:
+            if state.batch_in_epoch >= per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             loader = build_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
                                   rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed,
-                                  epoch=self.epoch, skip_batches=self.batch_in_epoch)
-            counts_before = list(self.data_counts)
+                                  epoch=state.epoch, skip_batches=state.batch_in_epoch)
+            replaced_before, padded_before = state.samples_replaced, state.samples_padded
             fetch_start = time.perf_counter()
             for batch in loader:
-                interval.data_wait_s += time.perf_counter() - fetch_start
-                self.data_counts = [counts_before[0] + loader.num_replaced, counts_before[1] + loader.num_padded]
-                interval.add(self.train_step(batch), len(batch["caption"]))
-                self.micro_step += 1
-                self.batch_in_epoch += 1
-                if self.micro_step % cfg.train.grad_accum_steps == 0:
-                    self.step += 1
-                    interval.steps += 1
-                    self.log.advance(self.step)
-                    profiler.at_step(self.step)
-                    if self.step % cfg.logging.log_every_steps == 0 or self.step == end:
-                        self._log_interval(interval)
-                        interval = interval.next()
-                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                        self.save(interval.nonfinite)
-                    if self.grids.due(self.step):
-                        self.grids.render(self.model, ckpt.tag_for(self.step))
-                    if self.step >= end:
+                self.interval.data_wait_s += time.perf_counter() - fetch_start
+                state.samples_replaced = replaced_before + loader.num_replaced
+                state.samples_padded = padded_before + loader.num_padded
+                loss = self.train_step(batch)
+                self.interval.add(loss, len(batch["caption"]))
+                self.finite.observe(loss)
+                state.micro_step += 1
+                state.batch_in_epoch += 1
+                if state.micro_step % cfg.train.grad_accum_steps == 0:
+                    state.step += 1
+                    self.interval.steps += 1
+                    self.log.advance(state.step)
+                    self._run_due(actions, state)
+                    if state.step >= end:
                         break
                 fetch_start = time.perf_counter()
-        if cfg.checkpoint.save_final or self.step < cfg.train.max_steps:  # a stopped launch must resume
-            self.save(interval.nonfinite)  # no-op when this step is already checkpointed
-        else:
-            self.finite.check(interval.nonfinite, self.step)
-        self.exporter.write(self.model, self.run_dir / "export", self.step)
-        if cfg.logging.sample_every_steps and not from_rank0(self.grids.path(ckpt.tag_for(self.step)).exists()):
-            self.grids.render(self.model, ckpt.tag_for(self.step))
+        self.finite.run(state.step, state)
+        if cfg.checkpoint.save_final or state.step < cfg.train.max_steps:  # a stopped launch must resume
+            self.save(state.step, state)  # no-op when this step is already checkpointed
+        self.exporter.write(self.model, self.run_dir / "export", state.step)
+        if cfg.logging.sample_every_steps and not from_rank0(self.grids.path(state.step).exists()):
+            self.grids.run(state.step, state)
         self.log.close()
 
-    def _log_interval(self, interval: Interval) -> None:
-        self.finite.check(interval.nonfinite, self.step)
+    def _actions(self, end: int) -> list[Action]:
+        """What runs after an optimizer step when it is due, in this order."""
+        cfg = self.cfg
+        self.profiler = ProfilerWindow(cfg.logging.profile_at_step, cfg.logging.profile_steps, end,
+                                       self.run_dir / "profile" / f"trace-rank{self.dist.rank}.json",
+                                       self.dist.device, self.log.info)
+        log = Every(cfg.logging.log_every_steps, self._log_interval, last_step=end)
+        checkpoint = Every(cfg.checkpoint.every_steps, self.save)
+        # before logging or saving: a NaN loss is neither logged as a number nor checkpointed
+        self.finite = FiniteCheck(self.dist.device, self._diverged, before=(log, checkpoint))
+        return [self.profiler, self.finite, log, checkpoint, self.grids]
+
+    @staticmethod
+    def _run_due(actions: list[Action], state: TrainState) -> None:
+        """Runs each action that is due at the state's step, in order."""
+        for action in actions:
+            if action.due(state.step):
+                action.run(state.step, state)
+
+    def _log_interval(self, step: int, state: TrainState) -> None:
+        interval = self.interval
         elapsed = time.perf_counter() - interval.start
         loss_sum = interval.loss_sum.clone()
         dist.all_reduce(loss_sum)
@@ -206,15 +213,17 @@ class Trainer:
         lr = self.lr_schedule.get_last_lr()[0]
         samples = interval.samples * self.dist.world_size
         values = {"loss": loss, "lr": lr, "images_per_s": samples / max(elapsed, 1e-9),
-                  "step_time_s": elapsed / max(1, interval.steps), "epoch": self.epoch}
+                  "step_time_s": elapsed / max(1, interval.steps), "epoch": state.epoch}
         values.update(self.meter.report(elapsed=elapsed, samples=samples, data_wait=interval.data_wait_s))
-        counts = torch.tensor(self.data_counts, dtype=torch.int64, device=self.dist.device)
+        counts = torch.tensor([state.samples_replaced, state.samples_padded], dtype=torch.int64,
+                              device=self.dist.device)
         dist.all_reduce(counts)  # all ranks, over the run; bad samples are also warned about as they come
         bad_replaced, padded = counts.tolist()
         values.update(data_bad_replaced=bad_replaced, data_padded=padded)
-        self.log.scalars(self.step, values)
-        self.log.advance(self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{values['images_per_s']:.1f}",
+        self.log.scalars(step, values)
+        self.log.advance(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{values['images_per_s']:.1f}",
                          step_s=f"{values['step_time_s']:.3f}")
+        self.interval = Interval(self.dist.device)  # started after logging: its cost is not the next steps'
 
     def _diverged(self, what: str, step: int) -> str:
         done = ckpt.committed_checkpoints(self.ckpt_dir)
@@ -224,22 +233,19 @@ class Trainer:
                 "check the data, then resume with --checkpoint.resume=latest.")
 
     # ---- checkpoints and exports ----------------------------------------------------------------
-    def save(self, nonfinite: torch.Tensor) -> None:
-        """Checkpoint and export this step, unless the loss or the weights went bad or this step is
-        saved already."""
-        self.finite.check(nonfinite, self.step)
-        self.finite.check_weights(self.model, self.step)
-        if from_rank0((self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMMIT_MARKER).exists()):
+    def save(self, step: int, state: TrainState) -> None:
+        """Checkpoint and export this step, unless the weights went bad or this step is saved already
+        (the loss is checked before: `FiniteCheck` runs first)."""
+        self.finite.check_weights(self.model, step)
+        if from_rank0((self.ckpt_dir / ckpt.tag_for(step) / ckpt.COMMIT_MARKER).exists()):
             return
-        state = {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state(),
-                 "data_counts": list(self.data_counts), "base_fingerprint": self.base_fingerprint,
-                 "trained_parameters": self.trained_parameters}
-        path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, state,
+        client_state = {**state.state_dict(), "rng": ckpt.rng_state(), "base_fingerprint": self.base_fingerprint,
+                        "trained_parameters": self.trained_parameters}
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, step, client_state,
                                     self.cfg.checkpoint.keep_last, self.dist.is_main)
         try:
-            self.exporter.write(self.model, self.run_dir / "exports" / path.name, self.step)
+            self.exporter.write(self.model, self.run_dir / "exports" / path.name, step)
         except OSError as e:  # a full disk: the checkpoint itself is committed already
-            raise ckpt.CheckpointWriteError(ckpt.write_failure_message(e, self.ckpt_dir, self.step)) from None
+            raise ckpt.CheckpointWriteError(ckpt.write_failure_message(e, self.ckpt_dir, step)) from None
         self.exporter.prune(self.run_dir / "exports", {p.name for p in ckpt.committed_checkpoints(self.ckpt_dir)})
         self.log.info(f"saved checkpoint {path}")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -34,6 +35,17 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
     return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -1,8 +1,9 @@
 """Files and folders that appear complete or not at all: written under a temporary name in the same
 folder, flushed to disk, then renamed over the final name. A full disk becomes one sentence.
 
-    python -c "from defect_ds.utils.files import atomic_write_json; import pathlib; \\
-atomic_write_json(pathlib.Path('/tmp/x.json'), {'a': 1})"
+    python -c "from defect_ds.utils.files import atomic_folder, atomic_write_json; import pathlib, tempfile; \\
+d = pathlib.Path(tempfile.mkdtemp()); atomic_write_json(d / 'x.json', {'a': 1})
+with atomic_folder(d / 'x') as tmp: (tmp / 'a').write_text('a')"
 """
 from __future__ import annotations
 

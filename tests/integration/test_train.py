@@ -24,12 +24,9 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(out), "--resolution-px",
-                    "64", "--per-defect", "4", "--good-per-category", "2", "--no-progress"],
-                   check=True, env=_env(), capture_output=True)
-    return out
+def data_dir(make_synthetic, tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic", resolution_px=64, per_defect=4,
+                          good_per_category=2)
 
 
 def common_args(model: Path, data: Path, run_dir: Path, **overrides) -> list[str]:
@@ -83,6 +80,39 @@ def test_zero2_resume_matches_uninterrupted_run(tiny_model_dir, data_dir, tmp_pa
     meta = json.loads((parts / "checkpoints" / "step-0000004" / "meta.json").read_text())
     assert meta["base_fingerprint"] and meta["trained_parameters"] == len(params)
     assert json.loads((parts / "config.json").read_text())["checkpoint"]["resume"] == "latest"
+
+
+@pytest.fixture(scope="module")
+def latent_dir(data_dir, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents") / "synthetic"
+    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "latents", str(data_dir), str(out),
+                    "--pretrained", str(tiny_model_dir), "--resolution-px", "64", "--device", "cpu", "--no-progress"],
+                   check=True, env=_env(), capture_output=True)
+    return out
+
+
+def train_one_process(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=_env(), capture_output=True,
+                            text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_resume_on_latent_shards_matches_the_straight_run_whatever_the_worker_count(tiny_model_dir, latent_dir,
+                                                                                     tmp_path):
+    """The VAE posterior is sampled per sample from (seed, epoch, key): a run stopped at step 3 and resumed
+    draws what the straight run drew, with 0 or 2 loader workers, and the worker count changes nothing."""
+    steps = dict(train__max_steps=6, checkpoint__every_steps=3)
+    straight = tmp_path / "straight"
+    train_one_process(common_args(tiny_model_dir, latent_dir, straight, **steps))
+    assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
+    for workers in (0, 2):
+        parts = tmp_path / f"parts-{workers}"
+        args = common_args(tiny_model_dir, latent_dir, parts, **steps, data__num_workers=workers)
+        train_one_process([*args, "--train.stop_at_step=3"])
+        assert sorted(losses(parts)) == [1, 2, 3]
+        train_one_process([*args, "--resume", "latest"])
+        # identical floats: steps 1-3 show the worker count changes nothing, steps 4-6 that the resume is exact
+        assert losses(parts) == losses(straight), workers
 
 
 ZERO3_CHECK = """
@@ -160,11 +190,9 @@ def test_zero3_trains_only_new_rows_and_exports_load_into_stock_pipeline(tiny_mo
     assert abs(after_both - after_lora).max() > 1e-3
 
 
-def test_loss_falls_when_overfitting(tiny_model_dir, tmp_path):
-    data = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(data), "--resolution-px",
-                    "64", "--per-defect", "1", "--good-per-category", "0", "--categories", "pill",
-                    "--val-fraction", "0", "--no-progress"], check=True, env=_env(), capture_output=True)
+def test_loss_falls_when_overfitting(tiny_model_dir, make_synthetic, tmp_path):
+    data = make_synthetic(tmp_path / "one", resolution_px=64, per_defect=1, good_per_category=0, categories="pill",
+                          val_fraction=0)
     run = tmp_path / "overfit"
     # the full UNet: a random-weight base leaves attention-only adapters too little to fit with
     args = common_args(tiny_model_dir, data, run, train__max_steps=80, checkpoint__every_steps=0,
@@ -229,12 +257,10 @@ def test_torchrun_launch_bf16_with_samples_and_tensorboard(tiny_model_dir, data_
     assert {"loss", "lr", "images_per_s", "data_wait_share"} <= set(events.Tags()["scalars"])
 
 
-def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, tmp_path):
+def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, make_synthetic, tmp_path):
     """data.bad_sample_policy=fail: the rank that reads a corrupt shard stops, and so does the other."""
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(data), "--resolution-px",
-                    "64", "--per-defect", "4", "--good-per-category", "2", "--shard-max-samples", "10",
-                    "--val-fraction", "0", "--no-progress"], check=True, env=_env(), capture_output=True)
+    data = make_synthetic(tmp_path / "data", resolution_px=64, per_defect=4, good_per_category=2,
+                          shard_max_samples=10, val_fraction=0)
     shards = sorted(data.glob("train-*.tar"))
     assert len(shards) >= 2
     shards[0].write_bytes(shards[0].read_bytes()[:3000])  # truncated: only one rank reads it

@@ -263,3 +263,21 @@ def test_a_flipped_sample_keeps_its_mask_on_the_defect_in_its_stored_latents(tin
 
         assert inside(weights) > 1.1 * inside(mirrored), (flip, inside(weights), inside(mirrored))
         assert (weights[:, : RES // 16].sum() > 0) != flip  # the patch is left unflipped, right flipped
+
+
+def test_loader_draws_the_posterior_the_same_whatever_the_global_rng_and_worker_count(latent_shards):
+    """The trainer reseeds torch's global RNG every step; the draw must not see that (exact resume)."""
+    from defect_ds.data.loader import build_loader
+
+    out, _ = latent_shards
+
+    def latents(num_workers: int, global_seed: int, skip: int = 0) -> list[torch.Tensor]:
+        torch.manual_seed(global_seed)
+        cfg = DataConfig(train_shards=str(out), resolution_px=RES, num_workers=num_workers)
+        loader = build_loader(cfg, micro_batch_size=1, rank=0, world_size=1, seed=3, epoch=0, skip_batches=skip)
+        return [b["latents"] for b in loader]
+
+    first = latents(0, global_seed=0)
+    assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, latents(0, global_seed=1)))
+    assert all(torch.equal(a, b) for a, b in zip(first, latents(2, global_seed=2)))
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], latents(0, global_seed=4, skip=2)))

@@ -313,8 +313,9 @@ def test_latent_shards_use_the_pluggable_transform(tmp_path, monkeypatch):
     manifest_path.write_text(manifest_path.read_text().replace('"kind": "images"', '"kind": "latents"'))
     seen = []
 
-    def transform_latent_sample(sample, cfg, flip):
+    def transform_latent_sample(sample, cfg, flip, generator=None):
         seen.append(flip)
+        assert isinstance(generator, torch.Generator)  # the posterior draw never falls back on global randomness
         return {"latents": torch.full((4, 2, 2), float(flip)), "mask": torch.zeros(1, 2, 2),
                 "caption": sample["caption.txt"].decode(), "defect_type": "x"}
 

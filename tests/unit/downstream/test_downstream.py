@@ -19,11 +19,9 @@ from defect_ds.data.reader import iter_dataset
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "synthetic", str(out), "--resolution-px", "32", "--per-defect", "3",
-                 "--good-per-category", "4", "--categories", "pill", "--no-progress"]) == 0
-    return out
+def data(make_synthetic, tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic", per_defect=3, good_per_category=4,
+                          categories="pill")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from defect_ds.cli import main
+from defect_ds.data.masks import overlay_mask
 from defect_ds.evaluate.metrics import (cluster_centres, evaluate, ic_lpips, mask_localisation, masked_pixel_diversity,
                                         pixel_distance, write_random_inception_weights)
-from defect_ds.evaluate.report import markdown_report, overlay_mask
+from defect_ds.evaluate.report import markdown_report
 from defect_ds.generate.output import write_sample
 from defect_ds.generate.spec import GenerationSettings, SampleSpec
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from defect_ds.cli import main
 from defect_ds.data.objects import object_region
-from defect_ds.generate.masks import random_mask
+from defect_ds.data.masks import random_mask
 
 TOKENS = {"scratch": "sks_scratch", "stain": "sks_stain"}
 VECTORS = 2  # multi-vector tokens: the prompt's token is expanded by diffusers' loader

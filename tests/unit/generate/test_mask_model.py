@@ -14,11 +14,8 @@ from defect_ds.generate.spec import GenerationSettings, plan_samples
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shots") / "data"
-    assert main(["prepare", "synthetic", str(folder), "--resolution-px", "32", "--per-defect", "2",
-                 "--good-per-category", "1", "--categories", "pill", "--no-progress"]) == 0
-    return folder
+def shots(make_synthetic, tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("shots") / "data", categories="pill")
 
 
 def test_train_masks_writes_a_loadable_model_that_draws_binary_masks(shots, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 import pytest
 
 from defect_ds.data.objects import object_region
-from defect_ds.generate.masks import augment_mask, place_on_object
+from defect_ds.data.masks import augment_mask, place_on_object
 from defect_ds.generate.spec import GenerationSettings, plan_samples
 
 

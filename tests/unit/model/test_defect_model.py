@@ -170,3 +170,25 @@ def test_each_distinct_caption_is_tokenised_once_and_ids_match_the_tokenizer(tin
         model.tokenizer.__class__.__call__ = real
     assert torch.equal(first, expected) and torch.equal(second, expected.flip(0))
     assert calls == [[model.prompt_text(captions[0]), model.prompt_text(captions[1])]]  # once, distinct only
+
+
+def test_generate_draws_from_its_seed_gates_the_lora_with_the_masks_and_keeps_the_mode(tiny_model_dir):
+    _, model = _model(tiny_model_dir)
+    with torch.no_grad():  # the adapters start as a no-op (B = 0): give them an effect to gate
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of a pill with sks_scratch"]
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[..., 16:48, 16:48] = 1
+
+    def draw(seed=0, m=masks):
+        return model.generate(prompts, resolution_px=64, steps=2, seed=seed, masks=m)
+
+    model.unet.train()
+    images = draw()
+    assert images.shape == (1, 3, 64, 64) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert 0 <= images.min() and images.max() <= 1
+    assert model.unet.training and model.unet.mask_gate.mask is None  # mode restored, mask cleared
+    assert torch.equal(images, draw()) and not torch.equal(images, draw(seed=1))
+    assert not torch.equal(images, draw(m=torch.ones_like(masks)))  # the masks gate what the adapters do

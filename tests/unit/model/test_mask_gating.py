@@ -125,3 +125,12 @@ def test_max_gate_opens_the_tokens_a_thin_scratch_crosses(lora_unet):
             assert int(changed.sum()) == opened
     finally:
         enable_mask_gating(lora_unet)
+
+
+def test_the_defaults_gate_as_training_does(lora_unet):
+    from defect_ds.model.mask_gating import MaskGate, resize_mask
+
+    assert MaskGate().resize == lora_unet.mask_gate.resize == LoraConfig().mask_resize == "max"
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 10:54, 13] = 1
+    assert torch.equal(resize_mask(mask, (8, 8)), resize_mask(mask, (8, 8), LoraConfig().mask_resize))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -187,12 +185,9 @@ def test_defect_ds_bench_is_registered_and_dry_runs(capsys):
 
 
 @pytest.mark.slow
-def test_one_tiny_point_runs_under_deepspeed_and_is_measured(tiny_model_dir, tmp_path):
+def test_one_tiny_point_runs_under_deepspeed_and_is_measured(tiny_model_dir, make_synthetic, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "defect_ds.cli", "prepare", "synthetic", str(data), "--resolution-px",
-                    "64", "--per-defect", "2", "--good-per-category", "2", "--no-progress"], check=True, env=env,
-                   capture_output=True)
+    data = make_synthetic(tmp_path / "data", resolution_px=64, good_per_category=2)
     plan = make_plan(tmp_path, model_dir=str(tiny_model_dir), images_dir=str(data), interval_steps=1,
                      extra_overrides=["--data.num_workers=0"], timeout_s=600)
     result = sweep.run_point(sweep.Point("2", 1, 2, True, False), plan, env, profile=True)

@@ -19,12 +19,9 @@ TOY = dict(vae_channels=[32, 32], vae_steps=3, vae_batch_size=4, unet_channels=[
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "synthetic", str(out), "--resolution-px", "32", "--per-defect", "1",
-                 "--good-per-category", "6", "--categories", "pill,screw", "--val-fraction", "0.2",
-                 "--no-progress"]) == 0
-    return out
+def data(make_synthetic, tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic", per_defect=1, good_per_category=6,
+                          categories="pill,screw", val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")

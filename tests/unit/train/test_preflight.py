@@ -23,13 +23,8 @@ print("RESULT", rc, "deepspeed" in sys.modules, "diffusers" in sys.modules)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from defect_ds.cli import main
-
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert main(["prepare", "synthetic", str(out), "--resolution-px", "64", "--per-defect", "2",
-                 "--good-per-category", "1", "--no-progress"]) == 0
-    return out
+def data_dir(make_synthetic, tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic", resolution_px=64)
 
 
 def _launch(tmp_path: Path, args: list[str]) -> tuple[int, bool, str]:

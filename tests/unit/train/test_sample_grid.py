@@ -25,3 +25,16 @@ def test_a_scratch_gets_a_thin_stroke_and_a_spot_a_blob():
         ys, xs = torch.nonzero(m, as_tuple=True)
         return m.sum().item() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)).item()
     assert fill(scratch) < fill(spot)
+
+
+def test_grid_is_one_row_of_enlarged_tiles_with_the_mask_outlined(tmp_path):
+    from PIL import Image
+
+    from defect_ds.train.sample_grid import save_grid
+
+    images = torch.full((3, 3, 32, 32), 0.5)
+    masks = sample_masks(["a sks_spot", "a sks_scratch", "a sks_spot"], 32, seed=0)
+    save_grid(images, masks, tmp_path / "grid" / "step-0000001.png")
+    grid = Image.open(tmp_path / "grid" / "step-0000001.png").convert("RGB")
+    assert grid.width > 3 * 128 > grid.height >= 128  # 32 px enlarged 4 times, side by side
+    assert (255, 40, 40) in {c for _, c in grid.getcolors(1 << 16)}  # the red outline

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
-from defect_ds.utils.device import cpu_has_native_bf16, resolve_device, resolve_dtype
+from defect_ds.utils.device import cpu_has_native_bf16, cpu_name, resolve_device, resolve_dtype
 from defect_ds.utils.files import (DiskFullError, atomic_folder, atomic_write_bytes, atomic_write_json,
                                    atomic_write_text)
 from defect_ds.utils.net import free_port
@@ -81,3 +82,18 @@ def test_free_port_can_be_bound():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_cpu_name_reads_the_model_name(monkeypatch, tmp_path):
+    from defect_ds.perf import sweep
+
+    assert sweep.cpu_name is cpu_name  # benchmarks import it from the sweep command
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t: avx\n")
+    real_path = Path
+
+    def fake_path(name, *rest):
+        return cpuinfo if name == "/proc/cpuinfo" else real_path(name, *rest)
+
+    monkeypatch.setattr("defect_ds.utils.device.Path", fake_path)
+    assert cpu_name() == "Test CPU @ 2.0GHz"

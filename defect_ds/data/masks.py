@@ -4,9 +4,10 @@ Masks are sized relative to the object and placed on it: the object is estimated
 the pixels that differ from the border colour (industrial photos have a plain background; see
 `data/objects.py`, which evaluation shares), and the drawn shape is clipped to it. Real masks of the
 few shots can be augmented and placed on the object the same way (`augment_mask`, `place_on_object`).
-Everything is seeded, so a sample key always gets the same mask.
+Everything is seeded, so a sample key always gets the same mask. `overlay_mask` outlines a mask on its
+image for the grids of training, generation and evaluation.
 
-    python -c "from defect_ds.generate.masks import random_mask; import numpy as np; \
+    python -c "from defect_ds.data.masks import random_mask; import numpy as np; \
 print(random_mask(64, 64, np.random.default_rng(0)).sum())"
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from defect_ds.data.objects import centre_region
 KINDS = ("stroke", "blob", "mixed")
 _SUPERSAMPLE = 4  # augmented masks are transformed at 4x and area-averaged back
 _COVERAGE = 0.4  # share of a pixel the transformed shape must cover to be defect
+OVERLAY_RGB = (255, 40, 40)  # mask outlines in sample grids
 
 
 def random_mask(height: int, width: int, rng: np.random.Generator, region: np.ndarray | None = None,
@@ -189,3 +191,18 @@ def _resize_binary(patch: np.ndarray, factor: float) -> np.ndarray:
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     out = (np.asarray(Image.fromarray(patch * 255).resize(size, Image.NEAREST)) > 127).astype(np.uint8)
     return _crop_to_defect(out) if out.any() else np.ones((1, 1), np.uint8)
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, cell_px: int = 128) -> np.ndarray:
+    """The image enlarged a whole number of times towards `cell_px` (nearest; never shrunk) with the
+    mask's outline drawn in red just outside it (uint8). Pixels inside the mask are left as they are, so
+    a defect one pixel wide stays visible inside its outline, and the outline is thin beside it."""
+    scale = max(1, cell_px // image.shape[0])
+    m = np.kron(mask.astype(bool), np.ones((scale, scale), bool))
+    out = np.kron(image, np.ones((scale, scale, 1), image.dtype)) if scale > 1 else image.copy()
+    padded = np.pad(m, 1, constant_values=False)
+    grown = m.copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        grown |= padded[dy:dy + m.shape[0], dx:dx + m.shape[1]]
+    out[grown & ~m] = OVERLAY_RGB
+    return out.astype(np.uint8)
