@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from defect_ds.utils.device import cpu_has_native_bf16
-
 from defect_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
