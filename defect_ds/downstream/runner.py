@@ -4,8 +4,10 @@
 
 The segmenter is small: on a CPU its convolutions do not keep two threads busy, so two processes of one
 thread each train two (arm, seed) pairs at once in about the time one process of two threads takes for
-one (docs/downstream.md, The segmenter). Workers are spawned (not forked, which is unsafe once torch's
-thread pool has started) and receive the data once. A job's result does not depend on which worker ran
+one (docs/downstream.md, The segmenter). Every segmenter trains on one thread, in a worker or not: the
+order of a convolution's sums depends on the thread count, and with it the last bits of the result.
+Workers are spawned (not forked, which is unsafe once torch's thread pool has started) and receive the
+data once. A job's result does not depend on which worker ran
 it or how many there were: a segmenter is a function of its arm's data and its seed.
 
 With `cache_dir`, each finished job's outcome is kept in a file named by a fingerprint of the data and
@@ -133,11 +135,15 @@ def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: Segmenter
     if workers <= 1 or len(todo) <= 1:
         import torch
 
-        _init(data, settings, grid_rows, torch.get_num_threads())
-        for arm, seed in todo:
-            outcome = _run(arm, seed)
-            _keep(_cached(cache, arm, seed), outcome)
-            on_done(outcome)
+        threads = torch.get_num_threads()
+        _init(data, settings, grid_rows, 1)  # one thread, as in a worker: the sums, and so the result, match
+        try:
+            for arm, seed in todo:
+                outcome = _run(arm, seed)
+                _keep(_cached(cache, arm, seed), outcome)
+                on_done(outcome)
+        finally:
+            torch.set_num_threads(threads)
         return reused
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
                              initargs=(data, settings, grid_rows, 1)) as pool:
