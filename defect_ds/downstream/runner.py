@@ -7,8 +7,8 @@ thread each train two (arm, seed) pairs at once in about the time one process of
 one (docs/downstream.md, The segmenter). Every segmenter trains on one thread, in a worker or not: the
 order of a convolution's sums depends on the thread count, and with it the last bits of the result.
 Workers are spawned (not forked, which is unsafe once torch's thread pool has started) and receive the
-data once. A job's result does not depend on which worker ran
-it or how many there were: a segmenter is a function of its arm's data and its seed.
+data once. A job's result does not depend on which worker ran it or how many there were: a segmenter
+is a function of its arm's data and its seed.
 
 With `cache_dir`, each finished job's outcome is kept in a file named by a fingerprint of the data and
 the settings, so an interrupted evaluation resumes where it stopped and a changed one starts afresh.
