@@ -55,11 +55,11 @@ class LoraConfig:
     mask_resize: Literal["nearest", "max"] = "max"
 
     def validate(self) -> None:
-        _require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
-        _require(self.alpha > 0, "lora.alpha", self.alpha, "use a positive number such as the rank")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "use a value in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
-                 "name at least one module suffix such as to_q")
+        require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
+        require(self.alpha > 0, "lora.alpha", self.alpha, "use a positive number such as the rank")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "use a value in [0, 1)")
+        require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+                "name at least one module suffix such as to_q")
 
 
 @dataclass
@@ -70,12 +70,12 @@ class TextualInversionConfig:
     learning_rate: float = 5e-3  # learning rate of the new embedding vectors
 
     def validate(self) -> None:
-        _require(self.vectors_per_token >= 1, "textual_inversion.vectors_per_token",
-                 self.vectors_per_token, "use 1 or more")
-        _require(self.learning_rate > 0, "textual_inversion.learning_rate", self.learning_rate,
-                 "use a positive number such as 5e-3")
-        _require(bool(self.initializer_word.strip()), "textual_inversion.initializer_word",
-                 self.initializer_word, "use a single word such as defect")
+        require(self.vectors_per_token >= 1, "textual_inversion.vectors_per_token",
+                self.vectors_per_token, "use 1 or more")
+        require(self.learning_rate > 0, "textual_inversion.learning_rate", self.learning_rate,
+                "use a positive number such as 5e-3")
+        require(bool(self.initializer_word.strip()), "textual_inversion.initializer_word",
+                self.initializer_word, "use a single word such as defect")
 
 
 @dataclass
@@ -97,16 +97,16 @@ class DataConfig:
     max_image_pixels: int = 1 << 26  # decoded images larger than this are refused as decompression bombs
 
     def validate(self) -> None:
-        _require(self.resolution_px >= 8 and self.resolution_px % 8 == 0, "data.resolution_px",
-                 self.resolution_px, "use a multiple of 8 such as 512")
-        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "use 1 or more")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
-        _require(self.max_repeat >= 1, "data.max_repeat", self.max_repeat, "use 1 or more")
-        _require(self.split in ("train", "val"), "data.split", self.split, "use train or val")
-        _require(self.max_image_pixels >= 64, "data.max_image_pixels", self.max_image_pixels,
-                 "use a pixel count such as 67108864")
-        _require(bool(self.train_shards), "data.train_shards", self.train_shards,
-                 "name a folder made by `defect-ds prepare`")
+        require(self.resolution_px >= 8 and self.resolution_px % 8 == 0, "data.resolution_px",
+                self.resolution_px, "use a multiple of 8 such as 512")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "use 1 or more")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        require(self.max_repeat >= 1, "data.max_repeat", self.max_repeat, "use 1 or more")
+        require(self.split in ("train", "val"), "data.split", self.split, "use train or val")
+        require(self.max_image_pixels >= 64, "data.max_image_pixels", self.max_image_pixels,
+                "use a pixel count such as 67108864")
+        require(bool(self.train_shards), "data.train_shards", self.train_shards,
+                "name a folder made by `defect-ds prepare`")
 
 
 @dataclass
@@ -128,17 +128,17 @@ class LossConfig:
     prior_preservation_weight: float = 0.0
 
     def validate(self) -> None:
-        _require(self.defect_weight >= 0, "loss.defect_weight", self.defect_weight, "use 0 or more")
-        _require(self.background_weight >= 0, "loss.background_weight", self.background_weight,
-                 "use 0 or more")
-        _require(self.defect_weight + self.background_weight > 0, "loss.defect_weight",
-                 self.defect_weight, "make defect_weight or background_weight positive")
-        _require(self.min_snr_gamma >= 0, "loss.min_snr_gamma", self.min_snr_gamma, "use 0 (off) or 5")
-        _require(self.noise_offset >= 0, "loss.noise_offset", self.noise_offset, "use 0 (off) or 0.05")
-        _require(0.0 <= self.unmasked_probability <= 1.0, "loss.unmasked_probability",
-                 self.unmasked_probability, "use a probability in [0, 1] such as 0.1")
-        _require(self.prior_preservation_weight >= 0, "loss.prior_preservation_weight",
-                 self.prior_preservation_weight, "use 0 (off) or a weight such as 1.0")
+        require(self.defect_weight >= 0, "loss.defect_weight", self.defect_weight, "use 0 or more")
+        require(self.background_weight >= 0, "loss.background_weight", self.background_weight,
+                "use 0 or more")
+        require(self.defect_weight + self.background_weight > 0, "loss.defect_weight",
+                self.defect_weight, "make defect_weight or background_weight positive")
+        require(self.min_snr_gamma >= 0, "loss.min_snr_gamma", self.min_snr_gamma, "use 0 (off) or 5")
+        require(self.noise_offset >= 0, "loss.noise_offset", self.noise_offset, "use 0 (off) or 0.05")
+        require(0.0 <= self.unmasked_probability <= 1.0, "loss.unmasked_probability",
+                self.unmasked_probability, "use a probability in [0, 1] such as 0.1")
+        require(self.prior_preservation_weight >= 0, "loss.prior_preservation_weight",
+                self.prior_preservation_weight, "use 0 (off) or a weight such as 1.0")
 
 
 @dataclass
@@ -152,12 +152,12 @@ class OptimizerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
 
     def validate(self) -> None:
-        _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "use e.g. 1e-4")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
-                 self.betas, "use two values in [0, 1) such as [0.9, 0.999]")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
-        _require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use 0 (off) or e.g. 1.0")
-        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use 0 or more")
+        require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "use e.g. 1e-4")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
+                self.betas, "use two values in [0, 1) such as [0.9, 0.999]")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
+        require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use 0 (off) or e.g. 1.0")
+        require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use 0 or more")
 
 
 @dataclass
@@ -175,16 +175,16 @@ class TrainConfig:
     collective_timeout_s: int = 1800
 
     def validate(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size,
-                 "use 1 or more")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
-                 "use 1 or more")
-        _require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
-        _require(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
-                 "use 10 seconds or more, such as 1800")
-        _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
-                 "use 0 (derived) or micro batch x accumulation x world size")
+        require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size,
+                "use 1 or more")
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
+                "use 1 or more")
+        require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
+        require(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
+                "use 10 seconds or more, such as 1800")
+        require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
+                "use 0 (derived) or micro batch x accumulation x world size")
 
 
 @dataclass
@@ -197,8 +197,8 @@ class CheckpointConfig:
     save_final: bool = True
 
     def validate(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
+        require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
 
 
 @dataclass
@@ -215,15 +215,15 @@ class LoggingConfig:
     profile_steps: int = 3  # optimizer steps the profiler trace covers
 
     def validate(self) -> None:
-        _require(self.log_every_steps >= 1, "logging.log_every_steps", self.log_every_steps,
-                 "use 1 or more")
-        _require(self.sample_every_steps >= 0, "logging.sample_every_steps", self.sample_every_steps,
-                 "use 0 (off) or more")
-        _require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "use 1 or more")
-        _require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops, "use 0 or more")
-        _require(self.profile_at_step >= 0, "logging.profile_at_step", self.profile_at_step,
-                 "use 0 (off) or the first step to profile")
-        _require(self.profile_steps >= 1, "logging.profile_steps", self.profile_steps, "use 1 or more")
+        require(self.log_every_steps >= 1, "logging.log_every_steps", self.log_every_steps,
+                "use 1 or more")
+        require(self.sample_every_steps >= 0, "logging.sample_every_steps", self.sample_every_steps,
+                "use 0 (off) or more")
+        require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "use 1 or more")
+        require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops, "use 0 or more")
+        require(self.profile_at_step >= 0, "logging.profile_at_step", self.profile_at_step,
+                "use 0 (off) or the first step to profile")
+        require(self.profile_steps >= 1, "logging.profile_steps", self.profile_steps, "use 1 or more")
 
 
 @dataclass
@@ -265,7 +265,8 @@ def check_prior_preservation(model: ModelConfig, lora: LoraConfig) -> None:
                           "prior_preservation_weight=0.")
 
 
-def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+def require(ok: bool, name: str, value: Any, fix: str) -> None:
+    """The one-sentence error of a bad field: `name=value is invalid: fix.`"""
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}.")
 
