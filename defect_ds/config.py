@@ -1,11 +1,14 @@
 """Typed run configuration: dataclasses, file loading, `--section.field=value` overrides, validation.
 
 Precedence is command line > config file > defaults. Every component receives only its own section.
+The loader is generic: `defect-ds generate` and `pretrain-base` read their own root dataclasses
+(`generate/spec.py`, `pretrain/recipe.py`) with it, their older flags being aliases of fields.
 
     python -c "from defect_ds.config import load_config; print(load_config('configs/default.toml'))"
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -13,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from defect_ds.model.lora_targets import TEXT_SIDE_TARGETS
 
@@ -284,9 +287,16 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, str):
             text = value.strip()
             value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r} has the wrong type: expected a list.")
-        return [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is dict or origin is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} has the wrong type: expected a table.")
+        return value
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"union field types are not supported ({name})")
     if tp is bool:
@@ -330,10 +340,13 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
         setattr(section, key, _convert(value, hints[key], name))
 
 
-def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Builds a RunConfig from nested {section: {field: value}}, on top of `base` (or the defaults)."""
+Root = TypeVar("Root")  # a dataclass of sections (RunConfig, GenerateConfig, PretrainConfig), each a dataclass
+
+
+def config_from_dict(data: dict[str, Any], base: Root | None = None) -> Root:
+    """Sets nested {section: {field: value}} on `base` (default: a new RunConfig), typed field by field."""
     config = base if base is not None else RunConfig()
-    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    sections = {f.name for f in dataclasses.fields(config)}
     for section, values in data.items():
         if section not in sections:
             raise ConfigError(f"Unknown config section [{section}]; known sections: "
@@ -342,6 +355,23 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
             raise ConfigError(f"[{section}] must be a table of settings, not {values!r}.")
         _apply(getattr(config, section), values, section)
     return config
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --section.field=value overrides, the other arguments) of a command line, so that argparse
+    parses the rest; an override written --section.field VALUE takes the next argument along."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            take = 1 if "=" in arg else 2
+            overrides += argv[i:i + take]
+            i += take
+        else:
+            rest.append(arg)
+            i += 1
+    return overrides, rest
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
@@ -377,15 +407,47 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid {path.suffix[1:].upper()}: {e}.") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the file, then the command-line overrides; validated."""
-    config = RunConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, root: Root | None = None,
+                layers: list[dict[str, Any]] | None = None) -> Root:
+    """Defaults (`root`, else a RunConfig), then the file, then `layers` ({section: {field: value}}, such as
+    a command's alias flags), then the --section.field=value overrides; validated."""
+    config = root if root is not None else RunConfig()
     if path:
-        config = config_from_dict(read_config_file(path), config)
-    if overrides:
-        config = config_from_dict(parse_overrides(overrides), config)
+        config_from_dict(read_config_file(path), config)
+    for layer in [*(layers or []), parse_overrides(overrides or [])]:
+        config_from_dict(layer, config)
     config.validate()
     return config
+
+
+# ---- the command line of a command with a config: --config FILE, alias flags, overrides ---------------
+
+def add_config_argument(parser: argparse.ArgumentParser, sections: str) -> None:
+    """--config FILE; the command then also takes --section.field=value overrides (see `defect_ds.cli`)."""
+    parser.add_argument("--config", help=f"TOML or JSON file of settings ({sections}); a flag below sets the "
+                        "field in [brackets], and --section.field=value sets any field (command line > file > "
+                        "defaults)")
+    parser.set_defaults(overrides=[])
+
+
+def add_alias(parser: argparse._ActionsContainer, flag: str, field_name: str, **kwargs: Any) -> None:
+    """A flag that sets one config field ("section.field"), its value typed by the loader like a file's;
+    a flag not given leaves the field to the file or the default."""
+    sets = f"{field_name}={str(kwargs['const']).lower()}" if "const" in kwargs else field_name
+    kwargs["help"] = f"{kwargs['help']} [{sets}]" if kwargs.get("help") else f"[{sets}]"
+    if kwargs.get("action", "store") == "store" and "choices" not in kwargs:
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=field_name, default=argparse.SUPPRESS, **kwargs)
+
+
+def alias_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The alias flags given on a command line (see `add_alias`) as {section: {field: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, dot, name = dest.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+    return out
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
