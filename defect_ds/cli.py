@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from defect_ds.config import split_overrides
 from defect_ds.data import mvtec, prepare
 from defect_ds.downstream import cli as downstream_cli
 from defect_ds.evaluate import cli as evaluate_cli
@@ -31,8 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; --section.field=value overrides go to `args.overrides` of a command that
+    reads a config (`config.add_config_argument`), and are refused by any other."""
+    overrides, rest = split_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command(sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

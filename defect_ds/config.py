@@ -1,11 +1,14 @@
 """Typed run configuration: dataclasses, file loading, `--section.field=value` overrides, validation.
 
 Precedence is command line > config file > defaults. Every component receives only its own section.
+The loader is generic: `defect-ds generate` and `pretrain-base` read their own root dataclasses
+(`generate/spec.py`, `pretrain/recipe.py`) with it, their older flags being aliases of fields.
 
     python -c "from defect_ds.config import load_config; print(load_config('configs/default.toml'))"
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -13,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from defect_ds.model.lora_targets import TEXT_SIDE_TARGETS
 
@@ -55,11 +58,11 @@ class LoraConfig:
     mask_resize: Literal["nearest", "max"] = "max"
 
     def validate(self) -> None:
-        _require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
-        _require(self.alpha > 0, "lora.alpha", self.alpha, "use a positive number such as the rank")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "use a value in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
-                 "name at least one module suffix such as to_q")
+        require(self.rank >= 1, "lora.rank", self.rank, "use a positive integer such as 8")
+        require(self.alpha > 0, "lora.alpha", self.alpha, "use a positive number such as the rank")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "use a value in [0, 1)")
+        require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+                "name at least one module suffix such as to_q")
 
 
 @dataclass
@@ -70,12 +73,12 @@ class TextualInversionConfig:
     learning_rate: float = 5e-3  # learning rate of the new embedding vectors
 
     def validate(self) -> None:
-        _require(self.vectors_per_token >= 1, "textual_inversion.vectors_per_token",
-                 self.vectors_per_token, "use 1 or more")
-        _require(self.learning_rate > 0, "textual_inversion.learning_rate", self.learning_rate,
-                 "use a positive number such as 5e-3")
-        _require(bool(self.initializer_word.strip()), "textual_inversion.initializer_word",
-                 self.initializer_word, "use a single word such as defect")
+        require(self.vectors_per_token >= 1, "textual_inversion.vectors_per_token",
+                self.vectors_per_token, "use 1 or more")
+        require(self.learning_rate > 0, "textual_inversion.learning_rate", self.learning_rate,
+                "use a positive number such as 5e-3")
+        require(bool(self.initializer_word.strip()), "textual_inversion.initializer_word",
+                self.initializer_word, "use a single word such as defect")
 
 
 @dataclass
@@ -97,16 +100,16 @@ class DataConfig:
     max_image_pixels: int = 1 << 26  # decoded images larger than this are refused as decompression bombs
 
     def validate(self) -> None:
-        _require(self.resolution_px >= 8 and self.resolution_px % 8 == 0, "data.resolution_px",
-                 self.resolution_px, "use a multiple of 8 such as 512")
-        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "use 1 or more")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
-        _require(self.max_repeat >= 1, "data.max_repeat", self.max_repeat, "use 1 or more")
-        _require(self.split in ("train", "val"), "data.split", self.split, "use train or val")
-        _require(self.max_image_pixels >= 64, "data.max_image_pixels", self.max_image_pixels,
-                 "use a pixel count such as 67108864")
-        _require(bool(self.train_shards), "data.train_shards", self.train_shards,
-                 "name a folder made by `defect-ds prepare`")
+        require(self.resolution_px >= 8 and self.resolution_px % 8 == 0, "data.resolution_px",
+                self.resolution_px, "use a multiple of 8 such as 512")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "use 1 or more")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        require(self.max_repeat >= 1, "data.max_repeat", self.max_repeat, "use 1 or more")
+        require(self.split in ("train", "val"), "data.split", self.split, "use train or val")
+        require(self.max_image_pixels >= 64, "data.max_image_pixels", self.max_image_pixels,
+                "use a pixel count such as 67108864")
+        require(bool(self.train_shards), "data.train_shards", self.train_shards,
+                "name a folder made by `defect-ds prepare`")
 
 
 @dataclass
@@ -128,17 +131,17 @@ class LossConfig:
     prior_preservation_weight: float = 0.0
 
     def validate(self) -> None:
-        _require(self.defect_weight >= 0, "loss.defect_weight", self.defect_weight, "use 0 or more")
-        _require(self.background_weight >= 0, "loss.background_weight", self.background_weight,
-                 "use 0 or more")
-        _require(self.defect_weight + self.background_weight > 0, "loss.defect_weight",
-                 self.defect_weight, "make defect_weight or background_weight positive")
-        _require(self.min_snr_gamma >= 0, "loss.min_snr_gamma", self.min_snr_gamma, "use 0 (off) or 5")
-        _require(self.noise_offset >= 0, "loss.noise_offset", self.noise_offset, "use 0 (off) or 0.05")
-        _require(0.0 <= self.unmasked_probability <= 1.0, "loss.unmasked_probability",
-                 self.unmasked_probability, "use a probability in [0, 1] such as 0.1")
-        _require(self.prior_preservation_weight >= 0, "loss.prior_preservation_weight",
-                 self.prior_preservation_weight, "use 0 (off) or a weight such as 1.0")
+        require(self.defect_weight >= 0, "loss.defect_weight", self.defect_weight, "use 0 or more")
+        require(self.background_weight >= 0, "loss.background_weight", self.background_weight,
+                "use 0 or more")
+        require(self.defect_weight + self.background_weight > 0, "loss.defect_weight",
+                self.defect_weight, "make defect_weight or background_weight positive")
+        require(self.min_snr_gamma >= 0, "loss.min_snr_gamma", self.min_snr_gamma, "use 0 (off) or 5")
+        require(self.noise_offset >= 0, "loss.noise_offset", self.noise_offset, "use 0 (off) or 0.05")
+        require(0.0 <= self.unmasked_probability <= 1.0, "loss.unmasked_probability",
+                self.unmasked_probability, "use a probability in [0, 1] such as 0.1")
+        require(self.prior_preservation_weight >= 0, "loss.prior_preservation_weight",
+                self.prior_preservation_weight, "use 0 (off) or a weight such as 1.0")
 
 
 @dataclass
@@ -152,12 +155,12 @@ class OptimizerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
 
     def validate(self) -> None:
-        _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "use e.g. 1e-4")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
-                 self.betas, "use two values in [0, 1) such as [0.9, 0.999]")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
-        _require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use 0 (off) or e.g. 1.0")
-        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use 0 or more")
+        require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "use e.g. 1e-4")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
+                self.betas, "use two values in [0, 1) such as [0.9, 0.999]")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
+        require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use 0 (off) or e.g. 1.0")
+        require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use 0 or more")
 
 
 @dataclass
@@ -175,16 +178,16 @@ class TrainConfig:
     collective_timeout_s: int = 1800
 
     def validate(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size,
-                 "use 1 or more")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
-                 "use 1 or more")
-        _require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
-        _require(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
-                 "use 10 seconds or more, such as 1800")
-        _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
-                 "use 0 (derived) or micro batch x accumulation x world size")
+        require(self.max_steps >= 1, "train.max_steps", self.max_steps, "use 1 or more")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size,
+                "use 1 or more")
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
+                "use 1 or more")
+        require(self.stop_at_step >= 0, "train.stop_at_step", self.stop_at_step, "use 0 (off) or a step")
+        require(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
+                "use 10 seconds or more, such as 1800")
+        require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
+                "use 0 (derived) or micro batch x accumulation x world size")
 
 
 @dataclass
@@ -197,8 +200,8 @@ class CheckpointConfig:
     save_final: bool = True
 
     def validate(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
+        require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
 
 
 @dataclass
@@ -215,15 +218,15 @@ class LoggingConfig:
     profile_steps: int = 3  # optimizer steps the profiler trace covers
 
     def validate(self) -> None:
-        _require(self.log_every_steps >= 1, "logging.log_every_steps", self.log_every_steps,
-                 "use 1 or more")
-        _require(self.sample_every_steps >= 0, "logging.sample_every_steps", self.sample_every_steps,
-                 "use 0 (off) or more")
-        _require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "use 1 or more")
-        _require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops, "use 0 or more")
-        _require(self.profile_at_step >= 0, "logging.profile_at_step", self.profile_at_step,
-                 "use 0 (off) or the first step to profile")
-        _require(self.profile_steps >= 1, "logging.profile_steps", self.profile_steps, "use 1 or more")
+        require(self.log_every_steps >= 1, "logging.log_every_steps", self.log_every_steps,
+                "use 1 or more")
+        require(self.sample_every_steps >= 0, "logging.sample_every_steps", self.sample_every_steps,
+                "use 0 (off) or more")
+        require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "use 1 or more")
+        require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops, "use 0 or more")
+        require(self.profile_at_step >= 0, "logging.profile_at_step", self.profile_at_step,
+                "use 0 (off) or the first step to profile")
+        require(self.profile_steps >= 1, "logging.profile_steps", self.profile_steps, "use 1 or more")
 
 
 @dataclass
@@ -265,7 +268,8 @@ def check_prior_preservation(model: ModelConfig, lora: LoraConfig) -> None:
                           "prior_preservation_weight=0.")
 
 
-def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+def require(ok: bool, name: str, value: Any, fix: str) -> None:
+    """The one-sentence error of a bad field: `name=value is invalid: fix.`"""
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}.")
 
@@ -283,9 +287,16 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, str):
             text = value.strip()
             value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r} has the wrong type: expected a list.")
-        return [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is dict or origin is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} has the wrong type: expected a table.")
+        return value
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"union field types are not supported ({name})")
     if tp is bool:
@@ -329,10 +340,13 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
         setattr(section, key, _convert(value, hints[key], name))
 
 
-def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Builds a RunConfig from nested {section: {field: value}}, on top of `base` (or the defaults)."""
+Root = TypeVar("Root")  # a dataclass of sections (RunConfig, GenerateConfig, PretrainConfig), each a dataclass
+
+
+def config_from_dict(data: dict[str, Any], base: Root | None = None) -> Root:
+    """Sets nested {section: {field: value}} on `base` (default: a new RunConfig), typed field by field."""
     config = base if base is not None else RunConfig()
-    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    sections = {f.name for f in dataclasses.fields(config)}
     for section, values in data.items():
         if section not in sections:
             raise ConfigError(f"Unknown config section [{section}]; known sections: "
@@ -341,6 +355,23 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
             raise ConfigError(f"[{section}] must be a table of settings, not {values!r}.")
         _apply(getattr(config, section), values, section)
     return config
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --section.field=value overrides, the other arguments) of a command line, so that argparse
+    parses the rest; an override written --section.field VALUE takes the next argument along."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            take = 1 if "=" in arg else 2
+            overrides += argv[i:i + take]
+            i += take
+        else:
+            rest.append(arg)
+            i += 1
+    return overrides, rest
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
@@ -376,15 +407,47 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid {path.suffix[1:].upper()}: {e}.") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the file, then the command-line overrides; validated."""
-    config = RunConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, root: Root | None = None,
+                layers: list[dict[str, Any]] | None = None) -> Root:
+    """Defaults (`root`, else a RunConfig), then the file, then `layers` ({section: {field: value}}, such as
+    a command's alias flags), then the --section.field=value overrides; validated."""
+    config = root if root is not None else RunConfig()
     if path:
-        config = config_from_dict(read_config_file(path), config)
-    if overrides:
-        config = config_from_dict(parse_overrides(overrides), config)
+        config_from_dict(read_config_file(path), config)
+    for layer in [*(layers or []), parse_overrides(overrides or [])]:
+        config_from_dict(layer, config)
     config.validate()
     return config
+
+
+# ---- the command line of a command with a config: --config FILE, alias flags, overrides ---------------
+
+def add_config_argument(parser: argparse.ArgumentParser, sections: str) -> None:
+    """--config FILE; the command then also takes --section.field=value overrides (see `defect_ds.cli`)."""
+    parser.add_argument("--config", help=f"TOML or JSON file of settings ({sections}); a flag below sets the "
+                        "field in [brackets], and --section.field=value sets any field (command line > file > "
+                        "defaults)")
+    parser.set_defaults(overrides=[])
+
+
+def add_alias(parser: argparse._ActionsContainer, flag: str, field_name: str, **kwargs: Any) -> None:
+    """A flag that sets one config field ("section.field"), its value typed by the loader like a file's;
+    a flag not given leaves the field to the file or the default."""
+    sets = f"{field_name}={str(kwargs['const']).lower()}" if "const" in kwargs else field_name
+    kwargs["help"] = f"{kwargs['help']} [{sets}]" if kwargs.get("help") else f"[{sets}]"
+    if kwargs.get("action", "store") == "store" and "choices" not in kwargs:
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=field_name, default=argparse.SUPPRESS, **kwargs)
+
+
+def alias_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The alias flags given on a command line (see `add_alias`) as {section: {field: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, dot, name = dest.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+    return out
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -34,14 +34,18 @@ def _open(data: bytes | str | Path | Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
+class UnreadableInputError(BadSampleError):
+    """A truncated or corrupt input file: a caller that passes a `skipped` list is given None instead."""
+
+
 def checked_image(data: bytes | str | Path, name: str, skipped: list[str] | None) -> Image.Image | None:
-    """The fully decoded image, or, for a truncated or corrupt one, an error naming `name` (skipped is
-    None) or None with the file and reason appended to `skipped` (--skip-bad)."""
+    """The fully decoded image, or, for a truncated or corrupt one, an UnreadableInputError naming `name`
+    (skipped is None) or None with the file and reason appended to `skipped`."""
     try:
         return open_image(data, name)
     except BadSampleError as e:
         if skipped is None:
-            raise BadSampleError(f"{e} (pass --skip-bad to skip bad inputs and count them)") from None
+            raise UnreadableInputError(str(e)) from None
         skipped.append(str(e))
         return None
 
@@ -205,19 +209,19 @@ def load_mask_pool(kind: str, path: str | None, size: int, skipped: list[str] | 
 
     A mask with no defect pixel would label a generated defect with nothing: such files are skipped
     with one warning that counts them (a data set's good samples, empty by design, are skipped silently).
-    A truncated or corrupt file is an error naming it, or, given a `skipped` list (--skip-bad), noted there.
+    A truncated or corrupt file is an error naming it, or, given a `skipped` list, noted there.
     """
     if kind in ("procedural", "learned"):
         return {}
     if not path:
-        flag = "--mask-dir" if kind == "files" else "--data"
-        raise ValueError(f"--masks {kind} needs {flag} DIR.")
+        raise ValueError(f"Masks of kind {kind} are read from a path, and none was given.")
     pool: MaskPool = {}
     empty: list[str] = []
     if kind == "files":
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"--mask-dir {folder} is not a folder; pass a folder of mask PNGs.")
+            raise FileNotFoundError(f"{folder} is not a folder; masks of kind files are read from a folder of "
+                                    "mask PNGs.")
         for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
             image = checked_image(f, str(f), skipped)
             if image is None:
@@ -256,9 +260,9 @@ def load_sources(path: str | None, size: int, skipped: list[str] | None = None) 
     """Good images for inpainting: a folder of images, or the defect-free samples of a data set.
 
     Every image (and mask) is decoded here, so a truncated or corrupt file is an error naming it before
-    any model loads, or, given a `skipped` list (--skip-bad), noted there and left out."""
+    any model loads, or, given a `skipped` list, noted there and left out."""
     if not path:
-        raise ValueError("--mode inpaint needs --sources DIR (good images, or a data set's good samples).")
+        raise ValueError("No sources path was given; inpainting needs good images, or a data set's good samples.")
     out = []
     for sample in iter_dataset(path):
         meta = sample["meta"]

@@ -1,31 +1,160 @@
-"""What `defect-ds generate` makes: its settings, and every sample planned before any denoising.
+"""What `defect-ds generate` makes: its config, its resolved settings, and every sample planned before
+any denoising.
 
+    python -c "from defect_ds.generate.spec import GenerateConfig; print(GenerateConfig())"
     python -c "from defect_ds.generate.spec import GenerationSettings; print(GenerationSettings())"
 
-Planning is deterministic given the flags: each sample's key, prompt, seed, mask and source are
-fixed first, so a run that stops can be started again and skips what it finished.
+`GenerateConfig` is what a call asks for (a TOML file, the flags, `--section.field=value`, read by
+`defect_ds.config.load_config`); `GenerationSettings` is what decides the samples, resolved against the
+weights and recorded in generation.json. Planning is deterministic given the settings: each sample's key,
+prompt, seed, mask and source are fixed first, so a run that stops can be started again and skips what it
+finished.
 """
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Callable, Literal
 
 import numpy as np
 
-from defect_ds.data.masks import augment_mask, place_on_object, random_mask
+from defect_ds.config import ConfigError, require
+from defect_ds.data.masks import KINDS, augment_mask, place_on_object, random_mask
 from defect_ds.data.objects import centre_region, object_region
 from defect_ds.data.reader import MaskPool
 from defect_ds.data.sample import sanitise_key
+from defect_ds.model.sampling import SCHEDULERS
 
 MODES = ("text2img", "inpaint")
 MASK_SOURCES = ("procedural", "files", "dataset", "augmented", "learned")
 # draws one binary (R, R) mask of a defect type from a learned mask model, seeded by the generator
 MaskSampler = Callable[[str, np.random.Generator], np.ndarray]
-SEED_STRIDE = 100_000  # seed = --seed + SEED_STRIDE * (index of the defect type) + sample index
+SEED_STRIDE = 100_000  # seed = settings.seed + SEED_STRIDE * (index of the defect type) + sample index
 # The training captions' default (data/captions.py: "a photo of a {category} with {detail} {token}",
 # detail "a" when none is given), so the tokens are prompted as they were learned.
 DEFAULT_PROMPT = "a photo of a {category} with a {token}"
+# mask sources that read a path, the field that names it, and what it is
+MASK_INPUTS = {"dir": (("files",), "a folder of mask PNGs"),
+               "data": (("dataset", "augmented"), "a data set whose defect masks to use"),
+               "model": (("learned",), "a mask model folder made by `defect-ds train-masks`")}
+
+
+# ---- the config: [weights], [samples], [masks], [sampling], [output] ---------------------------
+
+@dataclass
+class WeightsConfig:
+    run: str = ""  # run directory or export folder (its export.json names the base model)
+    base_model: str = ""  # diffusers SD folder; "": the one export.json names
+    lora: str = ""  # without run: pytorch_lora_weights.safetensors (file or folder)
+    # without run: learned_embeds/<token>.safetensors files or their folder; TYPE=FILE names the defect type,
+    # else the export.json beside them does, else the token minus its sks_ prefix
+    embeddings: list[str] = field(default_factory=list)
+    mask_gating: bool = True  # false lets the LoRA act on the whole image
+    mask_resize: Literal["", "nearest", "max"] = ""  # how the gate resizes masks; "": as trained, else nearest
+    # TYPE=WORD items: prompt defect types by plain words instead of learned tokens; with base_model alone,
+    # the base model without a fine-tune
+    words: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.run and (self.lora or self.embeddings):
+            raise ConfigError("Set either weights.run or weights.lora / weights.embeddings, not both.")
+        for item in self.words:
+            name, sep, word = item.partition("=")
+            require(bool(sep and name.strip() and word.strip()), "weights.words", item,
+                    "write TYPE=WORD items such as crack=crack")
+
+
+@dataclass
+class SamplesConfig:
+    mode: Literal[MODES] = "text2img"  # text2img, or inpaint into the good images of `sources`
+    defect_types: list[str] = field(default_factory=list)  # []: every learned token
+    num_per_type: int = 8  # samples per defect type
+    prompt: str = DEFAULT_PROMPT  # template with {token}, {defect_type}, {category}; default: the captions' form
+    negative_prompt: str = ""
+    category: str = "object"  # {category} and metadata where masks and sources bring none
+    sources: str = ""  # inpaint: folder of good images, or a data set (its 'good' samples)
+    skip_bad: bool = False  # skip truncated or corrupt source and mask files and count them
+
+    def validate(self) -> None:
+        require(self.num_per_type >= 1, "samples.num_per_type", self.num_per_type, "use 1 or more")
+        if self.mode == "inpaint" and not self.sources:
+            raise ConfigError("samples.mode=inpaint needs samples.sources (a folder of good images, or a data "
+                              "set whose good samples to use).")
+        if self.sources and self.mode != "inpaint":
+            raise ConfigError("samples.sources is only read with samples.mode=inpaint; set that mode or leave "
+                              "samples.sources empty.")
+
+
+@dataclass
+class MasksConfig:
+    # procedural, or read from a path: files (dir), dataset or augmented (data), learned (model)
+    source: Literal[MASK_SOURCES] = "procedural"
+    dir: str = ""  # files: folder of mask PNGs (a subfolder per defect type)
+    data: str = ""  # dataset, augmented: the few shots (shards folder) whose masks to reuse or augment
+    model: str = ""  # learned: a mask model folder (`defect-ds train-masks`)
+    kind: Literal[KINDS] = "mixed"  # procedural: shape
+    size: tuple[float, float] = (0.15, 0.4)  # procedural: extent (min, max) as a fraction of the object's size
+
+    def validate(self) -> None:
+        require(len(self.size) == 2 and 0 < self.size[0] <= self.size[-1] <= 1, "masks.size", self.size,
+                "use two fractions 0 < min <= max <= 1")
+        for name, (sources, what) in MASK_INPUTS.items():
+            given = getattr(self, name)
+            if self.source in sources and not given:
+                raise ConfigError(f"masks.source={self.source} needs masks.{name} ({what}); set it or use "
+                                  "masks.source=procedural.")
+            if given and self.source not in sources:  # else the path would be silently ignored
+                raise ConfigError(f"masks.{name} is only read with masks.source={' or '.join(sources)}; set "
+                                  f"masks.source={sources[0]} or leave masks.{name} empty.")
+
+
+@dataclass
+class SamplingConfig:
+    scheduler: Literal[SCHEDULERS] = "ddim"  # ddim, dpm++ (DPM-Solver++ multistep) or euler
+    steps: int = 30  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance scale
+    # inpaint: free every latent cell the mask touches (cells), or let diffusers shrink the mask by nearest sampling
+    inpaint_mask: Literal["cells", "nearest"] = "cells"
+    strength: float = 1.0  # inpaint: noise level of the mask region, in (0, 1]
+    seed: int = 0  # base seed (see SEED_STRIDE)
+    resolution_px: int = 0  # square output size; 0: the export's resolution
+    batch_size: int = 4  # samples per denoising call
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    # auto: bf16 on a GPU and on a CPU with native bf16 (avx512_bf16, AMX), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def validate(self) -> None:
+        require(self.steps >= 1, "sampling.steps", self.steps, "use 1 or more")
+        require(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "use 1 or more")
+        require(0 < self.strength <= 1, "sampling.strength", self.strength, "use a value in (0, 1]")
+        require(self.resolution_px >= 0 and self.resolution_px % 8 == 0, "sampling.resolution_px",
+                self.resolution_px, "use 0 (the export's) or a multiple of 8")
+
+
+@dataclass
+class OutputConfig:
+    shard_size: int = 1000  # samples per WebDataset shard
+    layout: Literal["shards", "mvtec"] = "shards"  # mvtec: also write OUT_DIR/mvtec/, the MVTec AD tree
+    progress: bool = True  # a progress bar
+
+    def validate(self) -> None:
+        require(self.shard_size >= 1, "output.shard_size", self.shard_size, "use 1 or more")
+
+
+@dataclass
+class GenerateConfig:
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+
+
+# ---- the resolved settings and the samples ---------------------------------------------------
 
 
 @dataclass
@@ -94,13 +223,12 @@ def plan_samples(tokens: dict[str, str], defect_types: list[str], num_per_type: 
         type_index = all_types.index(defect_type)
         pool = mask_pool.get(defect_type) or mask_pool.get("*") or []
         if settings.mask_source in ("augmented",) and not pool:
-            raise ValueError(f"--masks augmented needs a non-empty mask of defect type {defect_type!r} among "
-                             f"the shots in --data, and there is none (types with masks: "
-                             f"{', '.join(sorted(mask_pool)) or 'none'}); add a shot of that type with its mask "
-                             "or leave the type out of --defect-types.")
+            raise ValueError(f"Augmented masks need a non-empty mask of defect type {defect_type!r} in the mask "
+                             f"pool, and there is none (types with masks: {', '.join(sorted(mask_pool)) or 'none'}); "
+                             "add a shot of that type with its mask or leave the type out of the defect types.")
         if settings.mask_source in ("files", "dataset") and not pool:
             fix = ("name the embeddings TYPE=FILE to match" if loose_weights else
-                   "pass --defect-types with only the types that have masks")
+                   "keep to the defect types that have masks")
             raise ValueError(f"There are no masks of defect type {defect_type!r} (found: "
                              f"{', '.join(sorted(mask_pool))}); {fix}, or put masks in a folder named after "
                              "the type.")
@@ -118,7 +246,7 @@ def plan_samples(tokens: dict[str, str], defect_types: list[str], num_per_type: 
                 mask_origin = f"procedural:{settings.mask_kind}"
             elif settings.mask_source == "learned":
                 if mask_sampler is None:
-                    raise ValueError("--masks learned needs --mask-model DIR (made by `defect-ds train-masks`).")
+                    raise ValueError("Learned masks need a mask_sampler (see `generate.mask_model`).")
                 region = object_region(source) if source is not None else centre_region(r, r)
                 mask, placed = place_on_object(_defect_box(mask_sampler(defect_type, rng)), region, rng)
                 mask_origin = f"learned:{settings.mask_model}"

@@ -1,12 +1,15 @@
 """`defect-ds pretrain-base`: a small Stable-Diffusion-format base trained from scratch on good images.
 
     defect-ds pretrain-base work/data/base models/tiny-defect-base
+    defect-ds pretrain-base work/data/base work/base --recipe.vae_steps=300 --recipe.unet_steps=500
 
 Stage 1 trains the VAE and computes its scaling factor from the data's latents; stage 2 trains the
 UNet and the text encoder on the good images and their captions only (defect images in DATA are left
 out, so a few-shot fine-tune on defects stays honest). OUT ends as a diffusers folder that
 `StableDiffusionPipeline.from_pretrained(OUT)` loads offline, with recipe.json, train_log.jsonl,
 reconstruction.json and samples.png. Interrupted runs resume from OUT/train_state/ when run again.
+Settings are `PretrainConfig`'s [recipe] and [run] (`--config FILE.toml`, `--section.field=value`, each
+flag an alias of one field; `--recipe FILE.json` sets [recipe] from a recipe JSON).
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defect_ds.config import add_alias, add_config_argument, alias_values, load_config
 from defect_ds.data.reader import iter_dataset, load_rgb
 from defect_ds.data.sample import GOOD
 from defect_ds.model.components import tokenize
 from defect_ds.model.sampling import assemble_pipeline, generate, load_pipeline, set_scheduler
 from defect_ds.model.tiny import SCHEDULER, make_tokenizer
 from defect_ds.pretrain import stages
-from defect_ds.pretrain.recipe import BaseRecipe
+from defect_ds.pretrain.recipe import PretrainConfig, read_recipe
 from defect_ds.utils.device import cpu_has_native_bf16
 from defect_ds.utils.files import atomic_folder, atomic_write_json, atomic_write_text, disk_full_as_sentence
 from defect_ds.utils.quiet import quiet_libraries
@@ -148,19 +152,22 @@ def write_sample_grid(out: Path, captions: list[str], steps: int = 30) -> Path:
     return path
 
 
+def read_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then --config, then --recipe, then the alias flags, then the --section.field=value overrides."""
+    recipe_file = [{"recipe": read_recipe(args.recipe)}] if args.recipe else []
+    return load_config(args.config, args.overrides, PretrainConfig(), [*recipe_file, alias_values(args)])
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    recipe = BaseRecipe.from_file(args.recipe) if args.recipe else BaseRecipe()
-    for name in ("seed", "vae_steps", "unet_steps", "unet_batch_size", "vae_batch_size", "precision"):
-        if getattr(args, name) is not None:
-            setattr(recipe, name, getattr(args, name))
-    recipe.validate()
+    cfg = read_config(args)
+    recipe, options = cfg.recipe, cfg.run
     if recipe.precision == "auto":
         recipe.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if (out / "model_index.json").is_file() and not (out / STATE).is_dir():
         raise FileExistsError(f"{out} already holds a finished base model; choose another folder or delete it.")
-    train_images, train_captions, left_out = load_good(args.data, "train", args.resolution_px)
-    val_images, val_captions, val_left_out = load_good(args.data, "val", args.resolution_px)
+    train_images, train_captions, left_out = load_good(args.data, "train", options.resolution_px or None)
+    val_images, val_captions, val_left_out = load_good(args.data, "val", options.resolution_px or None)
     if len(train_images) < recipe.unet_batch_size:
         raise ValueError(f"{args.data} has {len(train_images)} good training images; pretrain-base needs at least "
                          f"{recipe.unet_batch_size} (make more with `defect-ds prepare synthetic --good-per-category`).")
@@ -180,9 +187,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} holds an unfinished run with another recipe ({saved}); resume with the same "
                          "settings, or choose another OUT.")
     atomic_write_json(saved, recipe_record, sort_keys=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = Progress(out, enabled=not args.no_progress)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    progress = Progress(out, enabled=options.progress)
     progress.info(f"pretrain-base: {len(train_images)} good train images, {len(val_images)} val, {resolution} px; "
                   f"{left_out + val_left_out} defect images left out")
 
@@ -221,12 +228,12 @@ def run(args: argparse.Namespace) -> int:
         train_set, val_set, empty, unet, text_encoder, scheduler, recipe, state_dir / "unet.pt",
         progress.stage("unet", recipe.unet_steps, _done(state_dir / "unet.pt")))
     progress.close_bar()
-    write_pipeline(out, vae, text_encoder, tokenizer, unet, half=not args.fp32)
+    write_pipeline(out, vae, text_encoder, tokenizer, unet, half=options.save_fp16)
     atomic_write_text(out / "recipe.json", saved.read_text())
-    grid = write_sample_grid(out, train_captions, steps=args.sample_steps)
+    grid = write_sample_grid(out, train_captions, steps=options.sample_steps)
     progress.info(f"wrote {out} (sample grid {grid})")
     progress.close()
-    if not args.keep_state:
+    if not options.keep_state:
         shutil.rmtree(state_dir)
     return 0
 
@@ -241,19 +248,25 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("data", help="training shards (`defect-ds prepare`); only its good images are used")
     p.add_argument("out", help="output folder: a diffusers Stable Diffusion folder when done")
-    p.add_argument("--recipe", help="recipe JSON (fields of defect_ds.pretrain.recipe.BaseRecipe)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--vae-steps", type=int)
-    p.add_argument("--unet-steps", type=int)
-    p.add_argument("--vae-batch-size", type=int)
-    p.add_argument("--unet-batch-size", type=int)
-    p.add_argument("--resolution-px", type=int, default=None, help="resize images to this side (default: as stored)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
-                   help="autocast of the forward passes (default: the recipe's, auto: bf16 on CPUs with avx512_bf16 "
-                        "or AMX, else fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--fp32", action="store_true", help="save the UNet and VAE in fp32 (default: fp16, half the size; the text encoder is always fp32)")
-    p.add_argument("--sample-steps", type=int, default=30, help="denoising steps of the sample grid")
-    p.add_argument("--keep-state", action="store_true", help="keep OUT/train_state/ after finishing")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_argument(p, "[recipe] of defect_ds.pretrain.recipe.BaseRecipe, [run] of RunOptions")
+    p.add_argument("--recipe", help="recipe JSON (fields of defect_ds.pretrain.recipe.BaseRecipe; a finished "
+                   "base's recipe.json does), read after --config")
+    add_alias(p, "--seed", "recipe.seed", type=int)
+    add_alias(p, "--vae-steps", "recipe.vae_steps", type=int)
+    add_alias(p, "--unet-steps", "recipe.unet_steps", type=int)
+    add_alias(p, "--vae-batch-size", "recipe.vae_batch_size", type=int)
+    add_alias(p, "--unet-batch-size", "recipe.unet_batch_size", type=int)
+    add_alias(p, "--resolution-px", "run.resolution_px", type=int,
+              help="resize images to this side (default: as stored)")
+    add_alias(p, "--precision", "recipe.precision", choices=("auto", "bf16", "fp32"),
+              help="autocast of the forward passes (default: the recipe's, auto: bf16 on CPUs with avx512_bf16 "
+                   "or AMX, else fp32)")
+    add_alias(p, "--threads", "run.threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_alias(p, "--fp32", "run.save_fp16", action="store_const", const=False,
+              help="save the UNet and VAE in fp32 (default: fp16, half the size; the text encoder is always fp32)")
+    add_alias(p, "--sample-steps", "run.sample_steps", type=int,
+              help="denoising steps of the sample grid (default: 30)")
+    add_alias(p, "--keep-state", "run.keep_state", action="store_const", const=True,
+              help="keep OUT/train_state/ after finishing")
+    add_alias(p, "--no-progress", "run.progress", action="store_const", const=False)
     p.set_defaults(func=run)

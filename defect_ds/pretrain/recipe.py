@@ -1,14 +1,21 @@
-"""The recipe of a small base model: architecture and training settings, written beside the weights.
+"""The recipe of a small base model (architecture and training settings, written beside the weights), and
+`defect-ds pretrain-base`'s config: [recipe] and [run], read by `defect_ds.config.load_config`.
 
     python -c "from defect_ds.pretrain.recipe import BaseRecipe; print(BaseRecipe())"
+    python -c "from defect_ds.pretrain.recipe import PretrainConfig; print(PretrainConfig())"
 
 The same recipe and data reproduce the same base: every random draw is a function of (seed, stage, step).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from defect_ds.config import read_config_file, require
+
+RECORDS = ("data", "resolution_px")  # what OUT/recipe.json adds to the recipe, so that file is a recipe too
 
 
 @dataclass
@@ -62,7 +69,7 @@ class BaseRecipe:
                              f"{len(self.unet_attention)} and {len(self.unet_channels)}.")
         if self.vae_latent_channels != 4:
             raise ValueError(f"Recipe field vae_latent_channels={self.vae_latent_channels} must be 4: diffusers' "
-                             "inpainting pipeline (`defect-ds generate --mode inpaint`) takes 4-channel latents only.")
+                             "inpainting pipeline (generation's inpaint mode) takes 4-channel latents only.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"Recipe field precision={self.precision!r} must be auto, fp32 or bf16.")
         if not 0 <= self.caption_dropout < 1:
@@ -71,42 +78,34 @@ class BaseRecipe:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "BaseRecipe":
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"data", "resolution_px"})
-        if unknown:
-            raise ValueError(f"Recipe {path} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        defaults = cls()
-        for name, value in values.items():
-            default = getattr(defaults, name)
-            items = zip(value, [default[0]] * len(value)) if isinstance(default, tuple) and isinstance(value, tuple) \
-                else [(value, default)]
-            for item, like in items:
-                if not _same_kind(item, like):  # a quoted "no" would otherwise be a true bool
-                    raise ValueError(f"Recipe {path} field {name}={data[name]!r} has the wrong type: write "
-                                     f"{_kind_words(default)}.")
-        recipe = cls(**values)
-        recipe.validate()
-        return recipe
 
 
-def _same_kind(value, like) -> bool:
-    """JSON's types as the recipe's defaults use them: a bool is no number, an int is a float."""
-    if isinstance(like, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(like, bool)
-    if isinstance(like, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(like))
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The fields of a recipe JSON (`--recipe`), such as a finished base's recipe.json less its records."""
+    return {k: v for k, v in read_config_file(path).items() if k not in RECORDS}
 
 
-KINDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-         str: ("a string", "strings"), dict: ("an object", "objects")}
+@dataclass
+class RunOptions:
+    """How one run goes, beside the recipe: what it reads, saves and shows."""
+    resolution_px: int = 0  # resize images to this side; 0: as stored
+    threads: int = 0  # torch CPU threads; 0: torch's choice
+    save_fp16: bool = True  # store the UNet and VAE in fp16 (half the size); the text encoder is always fp32
+    sample_steps: int = 30  # denoising steps of the sample grid
+    keep_state: bool = False  # keep OUT/train_state/ after finishing
+    progress: bool = True  # progress bars
+
+    def validate(self) -> None:
+        require(self.resolution_px >= 0, "run.resolution_px", self.resolution_px, "use 0 (as stored) or a side")
+        require(self.threads >= 0, "run.threads", self.threads, "use 0 (torch's choice) or more")
+        require(self.sample_steps >= 1, "run.sample_steps", self.sample_steps, "use 1 or more")
 
 
-def _kind_words(default) -> str:
-    if isinstance(default, tuple):
-        return f"a list of {KINDS[type(default[0])][1]}"
-    return KINDS[type(default)][0]
+@dataclass
+class PretrainConfig:
+    recipe: BaseRecipe = field(default_factory=BaseRecipe)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def validate(self) -> None:
+        self.recipe.validate()
+        self.run.validate()

@@ -99,3 +99,14 @@ def test_train_script_rejects_bad_config_fast(tmp_path):
     assert result.returncode == 2
     assert "lora.rank=-1 is invalid" in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_commands_with_a_config_take_overrides_anywhere_and_others_refuse_them(capsys):
+    from defect_ds.cli import parse_command
+
+    args = parse_command(["generate", "--sampling.steps", "3", "out", "--steps", "2", "--masks.kind=blob"])
+    assert args.out_dir == "out" and args.overrides == ["--sampling.steps", "3", "--masks.kind=blob"]
+    assert vars(args)["sampling.steps"] == 2  # the alias flag, typed; the override wins in the loader
+    with pytest.raises(SystemExit):
+        parse_command(["make-tiny-model", "work/tiny", "--model.x=1"])
+    assert "unrecognized arguments: --model.x=1" in capsys.readouterr().err

@@ -73,11 +73,11 @@ def test_python_c_examples_run_on_a_fresh_clone():
 
 @pytest.mark.parametrize("where, command", [(f, c) for f, c in COMMANDS if c.startswith("defect-ds ")])
 def test_defect_ds_commands_parse(where, command):
-    from defect_ds.cli import build_parser
+    from defect_ds.cli import parse_command
 
     argv = shlex.split(command)[1:]
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_command(argv)
     except SystemExit as e:  # argparse: 0 after --help, 2 for an unknown command or flag
         assert e.code == 0 and "--help" in argv, f"{where}: {command}"
         return

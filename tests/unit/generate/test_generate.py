@@ -333,9 +333,9 @@ def test_augmented_masks_end_to_end_and_a_type_without_shots(trained_run, tmp_pa
     bad[1] = str(tmp_path / "gen2")
     assert main(bad) == 2
     err = capsys.readouterr().err
-    assert "'stain'" in err and "--masks augmented" in err
+    assert "'stain'" in err and "Augmented masks" in err
     assert main(["generate", str(tmp_path / "gen3"), "--run", run, "--data", str(data), "--no-progress"]) == 2
-    assert "--masks dataset or augmented" in capsys.readouterr().err
+    assert "masks.source=dataset or augmented" in capsys.readouterr().err
 
 
 def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
@@ -343,16 +343,16 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "a"), "--run", run, "--defect-types", "dent", "--no-progress"]) == 2
     assert "dent" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "b"), "--run", run, "--mode", "inpaint", "--no-progress"]) == 2
-    assert "--sources" in capsys.readouterr().err
+    assert "samples.mode=inpaint needs samples.sources" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "b"), "--run", run, "--masks", "dataset", "--no-progress"]) == 2
-    assert "--data" in capsys.readouterr().err
+    assert "masks.source=dataset needs masks.data" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "b"), "--run", run, "--mask-dir", str(tmp_path), "--no-progress"]) == 2
-    assert "--masks files" in capsys.readouterr().err  # a mask folder that would be silently ignored
+    assert "masks.source=files" in capsys.readouterr().err  # a mask folder that would be silently ignored
 
     # a call that fails on its inputs leaves no generation.json that would refuse the corrected call
     out = tmp_path / "c"
     assert main(["generate", str(out), "--run", run, "--masks", "files", "--no-progress"]) == 2
-    assert "--mask-dir" in capsys.readouterr().err and not (out / "generation.json").exists()
+    assert "masks.dir" in capsys.readouterr().err and not (out / "generation.json").exists()
     empty_dir = tmp_path / "no-masks"
     empty_dir.mkdir()
     assert main(["generate", str(out), "--run", run, "--masks", "files", "--mask-dir", str(empty_dir),
@@ -364,6 +364,31 @@ def test_bad_requests_fail_with_one_sentence(trained_run, tmp_path, capsys):
     shutil.rmtree(out / "samples")
     assert main(["generate", str(out), "--run", run, "--num-per-type", "1", "--steps", "1", "--no-progress"]) == 0
     assert json.loads((out / "generation.json").read_text())["steps"] == 1
+
+
+def test_a_toml_config_then_the_flags_then_overrides(trained_run, tmp_path, capsys):
+    """The file sets what the command line leaves alone; an alias flag and a --section.field override beat it."""
+    config = tmp_path / "generate.toml"
+    config.write_text(f'[weights]\nrun = "{trained_run["run_dir"]}"\n'
+                      '[samples]\nnum_per_type = 1\ncategory = "pill"\n'
+                      '[sampling]\nsteps = 3\nseed = 5\nguidance_scale = 3.0\n'
+                      '[output]\nprogress = false\n')
+    out = tmp_path / "gen"
+    assert main(["generate", str(out), "--config", str(config), "--steps", "1", "--sampling.seed=9"]) == 0
+    gen = json.loads((out / "generation.json").read_text())
+    assert (gen["steps"], gen["seed"], gen["guidance_scale"], gen["category"]) == (1, 9, 3.0, "pill")
+    assert sorted(_samples(out)) == ["scratch-000000", "stain-000000"]
+
+    capsys.readouterr()  # an unknown field, on the command line or in the file: one sentence, nothing written
+    assert main(["generate", str(tmp_path / "a"), "--config", str(config), "--sampling.stepz=1"]) == 2
+    assert capsys.readouterr().err == ("defect-ds generate: error: Unknown setting sampling.stepz; the sampling "
+                                       "section knows: scheduler, steps, guidance_scale, inpaint_mask, strength, "
+                                       "seed, resolution_px, batch_size, device, precision.\n")
+    config.write_text('[masks]\nsize = [0.1, "big"]\n')
+    assert main(["generate", str(tmp_path / "a"), "--config", str(config), "--run", "x"]) == 2
+    assert capsys.readouterr().err == ("defect-ds generate: error: masks.size[1]='big' has the wrong type: expected a "
+                                       "number.\n")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -519,7 +544,7 @@ def test_plan_prefers_masks_of_the_source_category_and_hints_at_defect_types():
                          mask_pool=pool, sources=[])
     assert [s.mask_origin for s in specs] == ["a", "b", "c"]  # text2img: every mask, in order
     tokens = {"scratch": "sks_scratch", "stain": "sks_stain"}
-    with pytest.raises(ValueError, match="--defect-types"):
+    with pytest.raises(ValueError, match="keep to the defect types that have masks"):
         plan_samples(tokens, ["stain"], 1, settings, mask_pool=pool, sources=sources)
     with pytest.raises(ValueError, match="TYPE=FILE"):
         plan_samples(tokens, ["stain"], 1, settings, mask_pool=pool, sources=sources, loose_weights=True)

@@ -73,7 +73,7 @@ def test_augment_mask_deforms_and_place_shrinks_to_fit_a_small_object():
 
 def test_augmented_names_a_defect_type_without_masks():
     pool = {"stain": [(_scratch(), "shots:s0", "pill")]}
-    with pytest.raises(ValueError, match=r"--masks augmented.*'scratch'.*stain") as e:
+    with pytest.raises(ValueError, match=r"Augmented masks.*'scratch'.*stain") as e:
         plan_samples({"scratch": "sks_scratch", "stain": "sks_stain"}, ["stain", "scratch"], 1,
                      GenerationSettings(mask_source="augmented"), mask_pool=pool, sources=[])
     assert "\n" not in str(e.value)

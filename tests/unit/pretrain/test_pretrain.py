@@ -26,11 +26,13 @@ def data(make_synthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(data, tmp_path_factory):
-    recipe = tmp_path_factory.mktemp("recipe") / "recipe.json"
-    recipe.write_text(json.dumps(TOY))
+    """Made from a TOML config (the toy recipe, but 5 VAE steps), an alias flag and an override (3 VAE steps)."""
+    config = tmp_path_factory.mktemp("config") / "pretrain.toml"
+    recipe = "".join(f"{name} = {json.dumps(value)}\n" for name, value in {**TOY, "vae_steps": 5}.items())
+    config.write_text(f"[recipe]\n{recipe}[run]\nsample_steps = 4\nprogress = false\n")
     out = tmp_path_factory.mktemp("base") / "base"
-    assert main(["pretrain-base", str(data), str(out), "--recipe", str(recipe), "--sample-steps", "2",
-                 "--no-progress"]) == 0
+    assert main(["pretrain-base", str(data), str(out), "--config", str(config), "--sample-steps", "2",
+                 "--recipe.vae_steps=3"]) == 0
     return out
 
 
@@ -54,7 +56,9 @@ def test_scaling_factor_comes_from_the_data(base):
     vae_config = json.loads((base / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215 and vae_config["scaling_factor"] > 0
     recipe = json.loads((base / "recipe.json").read_text())
-    assert recipe["vae_steps"] == 3 and recipe["resolution_px"] == 32
+    assert recipe["vae_steps"] == 3 and recipe["resolution_px"] == 32  # the override beats the file
+    assert recipe["unet_channels"] == TOY["unet_channels"]  # the file beats the default
+    assert json.loads((base / "samples.json").read_text())["steps"] == 2  # the alias flag beats the file
 
 
 def test_base_never_sees_defects_and_keeps_its_records(base):
@@ -158,22 +162,27 @@ def test_auto_precision_is_recorded_as_what_it_resolved_to(base):
     assert BaseRecipe().precision == "auto"
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("unet_attention", ["no", False], "a list of booleans"),  # "no" is a true string: silently on
-    ("vae_steps", "3", "an integer"),
-    ("seed", True, "an integer"),
+@pytest.mark.parametrize("field, value, message", [
+    ("unet_attention", ["maybe", False], "recipe.unet_attention[0]='maybe' has the wrong type: expected true or "),
+    ("vae_steps", "many", "recipe.vae_steps='many' has the wrong type: expected an integer."),
+    ("seed", True, "recipe.seed=True has the wrong type: expected an integer."),
+    ("vae_stepz", 3, "Unknown setting recipe.vae_stepz; the recipe section knows: seed, vae_channels, "),
 ])
-def test_recipe_fields_of_the_wrong_json_type_are_one_sentence(tmp_path, data, capsys, field, value, words):
+def test_recipe_fields_of_the_wrong_json_type_are_one_sentence(tmp_path, data, capsys, field, value, message):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({**TOY, field: value}))
     assert main(["pretrain-base", str(data), str(tmp_path / "out"), "--recipe", str(recipe), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (f"defect-ds pretrain-base: error: Recipe {recipe} field {field}={value!r} has the wrong type: "
-                   f"write {words}.")
+    err = capsys.readouterr().err
+    assert err.startswith(f"defect-ds pretrain-base: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
-    assert BaseRecipe.from_file(_written(tmp_path / "ok.json", {**TOY, "vae_learning_rate": 1})).vae_learning_rate == 1
 
 
-def _written(path: Path, recipe: dict) -> Path:
-    path.write_text(json.dumps(recipe))
-    return path
+def test_a_recipe_json_sets_the_recipe_section_and_flags_beat_it(tmp_path):
+    from defect_ds.cli import parse_command
+    from defect_ds.pretrain.cli import read_config
+
+    recipe = tmp_path / "recipe.json"  # a finished base's recipe.json: its records are not recipe fields
+    recipe.write_text(json.dumps({**TOY, "vae_learning_rate": 1, "data": "d", "resolution_px": 32}))
+    cfg = read_config(parse_command(["pretrain-base", "d", "o", "--recipe", str(recipe), "--vae-steps", "7", "--fp32"]))
+    assert cfg.recipe.vae_learning_rate == 1 and cfg.recipe.vae_channels == (32, 32)  # tuples, as the defaults
+    assert cfg.recipe.vae_steps == 7 and cfg.run.save_fp16 is False
