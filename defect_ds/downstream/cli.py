@@ -224,11 +224,12 @@ def run_eval(args: argparse.Namespace) -> int:
                 grid_predictions[outcome.arm] = outcome.grid
             progress.advance(task)
 
+        kept = Path(args.segmenters) if args.segmenters else out / "segmenters"
         reused = run_jobs(jobs, data, settings, workers=args.workers, grid_rows=grid_rows, on_done=done,
-                          cache_dir=out / "segmenters")
+                          cache_dir=kept)
     if reused:
         print(f"downstream: {reused} of {len(jobs)} segmenters were scored by an earlier run with the same data and "
-              f"settings ({out / 'segmenters'}); the rest trained now.", file=sys.stderr)
+              f"settings ({kept}); the rest trained now.", file=sys.stderr)
     for arm in arms:
         results["arms"][arm] = {"summary": report.summarise(per_seed[arm]), "per_seed": per_seed[arm]}
     grid_predictions = {arm: grid_predictions[arm] for arm in arms}
@@ -282,5 +283,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the paired intervals")
     e.add_argument("--workers", type=int, default=default_workers(),
                    help="segmenters trained at once, one thread each (default: 2 on machines with 2+ cores)")
+    e.add_argument("--segmenters", help="where scored segmenters are kept and reused, by arm, seed and a fingerprint "
+                                        "of their data and settings (default: OUT/segmenters)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_eval)

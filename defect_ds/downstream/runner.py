@@ -10,8 +10,9 @@ Workers are spawned (not forked, which is unsafe once torch's thread pool has st
 data once. A job's result does not depend on which worker ran it or how many there were: a segmenter
 is a function of its arm's data and its seed.
 
-With `cache_dir`, each finished job's outcome is kept in a file named by a fingerprint of the data and
-the settings, so an interrupted evaluation resumes where it stopped and a changed one starts afresh.
+With `cache_dir`, each finished job's outcome is kept in a file named by a fingerprint of its arm's data
+and the settings, so an interrupted evaluation resumes where it stopped, a changed one starts afresh,
+and one with other arms reuses the segmenters of the arms it shares.
 """
 from __future__ import annotations
 
@@ -92,10 +93,14 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]) -> str:
-    """A name for what decides every outcome: the arrays each arm sees, the test set and the settings."""
-    h = hashlib.sha256(repr((dataclasses.asdict(settings), grid_rows)).encode())
-    named = [("shots", data.shots), ("test", data.test), *sorted(data.generated.items(), key=lambda kv: kv[0])]
+def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int], arm: str) -> str:
+    """A name for what decides one arm's outcomes: the shots, good images, test set, the arm's own generated
+    pairs and the settings. Other arms' data stay out of it, so an evaluation with more or fewer arms (the
+    demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in common."""
+    h = hashlib.sha256(repr((dataclasses.asdict(settings), grid_rows, arm)).encode())
+    named = [("shots", data.shots), ("test", data.test)]
+    if arm in data.generated:
+        named.append(("generated", data.generated[arm]))
     for name, pairs in named:
         h.update(name.encode())
         for part in (pairs.images, pairs.masks, "\n".join(pairs.types).encode()):
@@ -104,8 +109,8 @@ def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]
     return h.hexdigest()[:16]
 
 
-def _cached(cache: Path | None, arm: str, seed: int) -> Path | None:
-    return None if cache is None else cache / f"{arm.replace('/', '_')}-seed{seed}.pkl"
+def _cached(cache: Path | None, fingerprints: dict[str, str], arm: str, seed: int) -> Path | None:
+    return None if cache is None else cache / fingerprints[arm] / f"{arm.replace('/', '_')}-seed{seed}.pkl"
 
 
 def _keep(path: Path | None, outcome: Outcome) -> None:
@@ -120,13 +125,14 @@ def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: Segmenter
              grid_rows: list[int], on_done: Callable[[Outcome], None], cache_dir: Path | None = None) -> int:
     """Runs every (arm, seed) job; on_done gets each outcome as it finishes (in any order). Returns how
     many outcomes came from `cache_dir` (kept by an earlier, interrupted run with the same data and settings)."""
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / fingerprint(data, settings, grid_rows)
-        cache.mkdir(parents=True, exist_ok=True)
+    jobs = list(jobs)
+    cache = None if cache_dir is None else Path(cache_dir)
+    fingerprints = {arm: fingerprint(data, settings, grid_rows, arm) for arm, _ in jobs} if cache else {}
+    for name in set(fingerprints.values()):
+        (cache / name).mkdir(parents=True, exist_ok=True)
     todo, reused = [], 0
     for arm, seed in jobs:
-        path = _cached(cache, arm, seed)
+        path = _cached(cache, fingerprints, arm, seed)
         if path is not None and path.is_file():
             on_done(pickle.loads(path.read_bytes()))
             reused += 1
@@ -140,7 +146,7 @@ def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: Segmenter
         try:
             for arm, seed in todo:
                 outcome = _run(arm, seed)
-                _keep(_cached(cache, arm, seed), outcome)
+                _keep(_cached(cache, fingerprints, arm, seed), outcome)
                 on_done(outcome)
         finally:
             torch.set_num_threads(threads)
@@ -151,7 +157,7 @@ def run_jobs(jobs: Iterable[tuple[str, int]], data: ArmData, settings: Segmenter
         try:
             for future in as_completed(futures):
                 outcome = future.result()
-                _keep(_cached(cache, outcome.arm, outcome.seed), outcome)
+                _keep(_cached(cache, fingerprints, outcome.arm, outcome.seed), outcome)
                 on_done(outcome)
         except BaseException:
             for future in futures:

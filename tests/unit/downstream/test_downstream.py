@@ -365,3 +365,8 @@ def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_
     runner.run_jobs(jobs, data, runner.SegmenterSettings(4, 4, 4), workers=1, grid_rows=[0], cache_dir=tmp_path,
                     on_done=lambda o: None)
     assert trained == jobs  # other settings: nothing reused
+    trained.clear()
+    data.generated = {"generated": data.shots}  # another arm's pairs do not change what `real` is scored on
+    reused = runner.run_jobs([("real", 0), ("generated", 0), ("real", 2)], data, settings, workers=1, grid_rows=[0],
+                             cache_dir=tmp_path, on_done=lambda o: None)
+    assert reused == 1 and trained == [("generated", 0), ("real", 2)]
