@@ -179,30 +179,30 @@ def load_mask_model(path: str | Path, resolution_px: int, defect_types: list[str
 
     folder = Path(path)
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"--mask-model {folder} holds no {META_FILE} and {WEIGHTS_FILE}; make one with "
+        raise FileNotFoundError(f"The mask model {folder} holds no {META_FILE} and {WEIGHTS_FILE}; make one with "
                                 "`defect-ds train-masks DATA DIR`.")
     meta = _read_meta(folder / META_FILE)
     if int(meta["resolution_px"]) != resolution_px:
-        raise ValueError(f"--mask-model {folder} draws {meta['resolution_px']} px masks but generation is at "
+        raise ValueError(f"The mask model {folder} draws {meta['resolution_px']} px masks but generation is at "
                          f"{resolution_px} px; train one with `defect-ds train-masks DATA DIR --resolution-px "
-                         f"{resolution_px}` or pass --resolution-px {meta['resolution_px']}.")
+                         f"{resolution_px}` or generate at {meta['resolution_px']} px.")
     missing = [t for t in defect_types if t not in meta["defect_types"]]
     if missing:
-        raise ValueError(f"--mask-model {folder} has no masks of defect type {missing[0]!r} (it knows "
-                         f"{', '.join(meta['defect_types'])}); train it on shots of that type or pass "
-                         "--defect-types without it.")
+        raise ValueError(f"The mask model {folder} has no masks of defect type {missing[0]!r} (it knows "
+                         f"{', '.join(meta['defect_types'])}); train it on shots of that type or leave the type out of "
+                         "the defect types to generate.")
     unet = UNet2DModel(**meta["unet"])
     weights = folder / WEIGHTS_FILE
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors' own error type: a truncated or overwritten file
-        raise ValueError(f"--mask-model {weights} is not readable ({e}); train it again with `defect-ds "
+        raise ValueError(f"The mask model {weights} is not readable ({e}); train it again with `defect-ds "
                          "train-masks DATA DIR`.") from None
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         key = next((k for k in expected if got.get(k) != expected[k]), None) or next(k for k in got if k not in expected)
-        raise ValueError(f"--mask-model {weights} does not fit the UNet its {META_FILE} describes ({key}: expected "
+        raise ValueError(f"The mask model {weights} does not fit the UNet its {META_FILE} describes ({key}: expected "
                          f"{expected.get(key, 'no such weight')}, found {got.get(key, 'none')}); train it again "
                          "with `defect-ds train-masks DATA DIR`.")
     unet.load_state_dict(state)
@@ -214,12 +214,12 @@ def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--mask-model {path} is not readable JSON ({e}); train it again with `defect-ds "
+        raise ValueError(f"The mask model {path} is not readable JSON ({e}); train it again with `defect-ds "
                          "train-masks DATA DIR`.") from None
     fields = ("resolution_px", "defect_types", "unet", "train_timesteps")
     if not isinstance(meta, dict) or any(f not in meta for f in fields) or not isinstance(meta["unet"], dict) \
             or not isinstance(meta["defect_types"], list):
-        raise ValueError(f"--mask-model {path} lacks the fields {', '.join(fields)} (a list of defect types and a "
+        raise ValueError(f"The mask model {path} lacks the fields {', '.join(fields)} (a list of defect types and a "
                          "UNet config); train it again with `defect-ds train-masks DATA DIR`.")
     return meta
 

@@ -34,7 +34,7 @@ def planned_resolution(*, run: str | None = None, base_model: str | None = None)
         return int(meta["resolution_px"])
     base = base_model or meta.get("base_model")
     if not base:
-        raise ValueError("No base model: the export names none, so pass --base-model DIR.")
+        raise ValueError("No base model: the export names none, so give base_model (a diffusers Stable Diffusion folder).")
     folder = check_model_dir(base)
     unet = json.loads((folder / "unet" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
@@ -61,10 +61,10 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
         meta = read_export_meta(export_dir)
         base_model = base_model or meta.get("base_model")
     elif not (lora or embeddings or (base_only and base_model)):
-        raise ValueError("Nothing to generate with: pass --run RUN_DIR, or --base-model with --lora "
-                         "and/or --embeddings.")
+        raise ValueError("Nothing to generate with: give run (a run or export folder), or base_model with lora "
+                         "and/or embeddings.")
     if not base_model:
-        raise ValueError("No base model: the export names none, so pass --base-model DIR.")
+        raise ValueError("No base model: the export names none, so give base_model (a diffusers Stable Diffusion folder).")
     check_model_dir(base_model)
     loose = resolve_embeddings(embeddings or [])  # checked before the (slow) model load
     pipe = load_pipeline(base_model, dtype)
@@ -77,7 +77,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
         if lora:
             lora_path = Path(lora)
             if not lora_path.exists():
-                raise FileNotFoundError(f"--lora {lora} does not exist; pass pytorch_lora_weights.safetensors "
+                raise FileNotFoundError(f"The LoRA file {lora} does not exist; give pytorch_lora_weights.safetensors "
                                         "or the folder holding it.")
             weights = lora_path if lora_path.is_file() else lora_path / LORA_FILE
             if weights.is_file():  # else diffusers names what it looked for
@@ -102,7 +102,7 @@ def build_pipeline(*, run: str | None = None, base_model: str | None = None, lor
 
 
 def resolve_embeddings(items: list[str]) -> dict[str, tuple[str, Path]]:
-    """{defect_type: (token, file)} from --embeddings items: TYPE=FILE, FILE or FOLDER of files.
+    """{defect_type: (token, file)} from embeddings items: TYPE=FILE, FILE or FOLDER of files.
 
     Without TYPE=, the defect type comes from the export.json beside the file's folder or above it
     (its tokens map, defect type -> token), else from the token with the project's token prefix
@@ -115,9 +115,9 @@ def resolve_embeddings(items: list[str]) -> dict[str, tuple[str, Path]]:
         defect_type, path = (named, Path(rest)) if typed else ("", Path(item))
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
-            raise FileNotFoundError(f"--embeddings {item}: no such .safetensors file or folder of them.")
+            raise FileNotFoundError(f"Embeddings {item}: no such .safetensors file or folder of them.")
         if defect_type and len(files) > 1:
-            raise ValueError(f"--embeddings {item}: TYPE= names one file, but {path} holds {len(files)}; "
+            raise ValueError(f"Embeddings {item}: TYPE= names one file, but {path} holds {len(files)}; "
                              "give one TYPE=FILE per defect type.")
         for f in files:
             token = _token_of(f)
@@ -125,11 +125,11 @@ def resolve_embeddings(items: list[str]) -> dict[str, tuple[str, Path]]:
             if not found and token.startswith(DEFAULT_TOKEN_PREFIX) and len(token) > len(DEFAULT_TOKEN_PREFIX):
                 found = token[len(DEFAULT_TOKEN_PREFIX):]
             if not found:
-                raise ValueError(f"--embeddings {item}: the defect type of token {token!r} is unknown (no "
+                raise ValueError(f"Embeddings {item}: the defect type of token {token!r} is unknown (no "
                                  f"export.json beside it, no {DEFAULT_TOKEN_PREFIX!r} prefix); write "
-                                 f"--embeddings TYPE={f}.")
+                                 f"the item as TYPE={f}.")
             if found in out and out[found][1] != f:
-                raise ValueError(f"--embeddings gives defect type {found!r} twice ({out[found][1]} and {f}); "
+                raise ValueError(f"The embeddings give defect type {found!r} twice ({out[found][1]} and {f}); "
                                  "give each type one file.")
             out[found] = (token, f)
     return out

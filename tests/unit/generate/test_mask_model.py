@@ -87,7 +87,7 @@ def test_a_damaged_mask_model_is_one_sentence_naming_the_file(shots, tmp_path):
     weights = out / WEIGHTS_FILE
     whole = weights.read_bytes()
     weights.write_bytes(whole[:len(whole) // 2])  # a copy cut short
-    with pytest.raises(ValueError, match=rf"--mask-model {weights} is not readable .*train it again"):
+    with pytest.raises(ValueError, match=rf"The mask model {weights} is not readable .*train it again"):
         load_mask_model(out, 32, types)
     weights.write_bytes(whole)
     state = load_file(str(weights))
