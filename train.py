@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    from defect_ds.train.stop import StopRequest
+
+    # first: a SIGTERM or Ctrl-C while the model loads ends the launch with one line, not a traceback
+    stop = StopRequest(int(os.environ.get("RANK", "0")))
     # torch and the library load only once the config is valid: a bad setting fails in a second
     from defect_ds.train.preflight import check_run_inputs
 
@@ -51,14 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     from defect_ds.train.checkpoint import CheckpointWriteError
     from defect_ds.train.distributed import init_distributed, lost_peer
     from defect_ds.train.monitors import TrainingDiverged
+    from defect_ds.train.stop import Stopped
     from defect_ds.train.trainer import Trainer
     from defect_ds.utils.files import DiskFullError
 
     dist_info = init_distributed(cfg.train.collective_timeout_s)
-    trainer = Trainer(cfg, dist_info, inputs)
+    stop.rank = dist_info.rank
+    stop.watch_launcher()
+    trainer = Trainer(cfg, dist_info, inputs, stop)
     try:
         trainer.setup()
         trainer.train()
+    except Stopped as e:
+        if dist_info.is_main:
+            print(f"train.py: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError,
             CheckpointWriteError, DiskFullError) as e:
         # one rank's error ends this process; the launcher then stops the others, and a rank on
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not lost_peer(e):
             raise
+        signalled = stop.lost_peer_message()  # a peer that a second signal ended at once
+        if signalled:
+            print(f"train.py: {signalled}", file=sys.stderr)
+            return stop.exit_code
         # the rank that failed printed its own sentence; this one only lost its connection to it
         print(f"train.py: rank {dist_info.rank} stopped: another rank failed and its error is above.",
               file=sys.stderr)

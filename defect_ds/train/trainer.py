@@ -28,18 +28,22 @@ from defect_ds.train.monitors import Action, Every, FiniteCheck, Interval, Profi
 from defect_ds.train.preflight import RunInputs, check_run_inputs
 from defect_ds.train.sample_grid import SampleGrids
 from defect_ds.train.state import TrainState
+from defect_ds.train.stop import StopRequest
 from defect_ds.utils.device import resolve_dtype
 from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.quiet import quiet_libraries
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, inputs: RunInputs | None = None):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, inputs: RunInputs | None = None,
+                 stop: StopRequest | None = None):
         """inputs: what `check_run_inputs` found (train.py checks before the process group starts);
-        None checks them in `setup`."""
+        None checks them in `setup`. stop: the signal handler train.py installed first thing; None
+        installs one when the loop starts."""
         self.cfg = cfg
         self.dist = dist_info
         self.inputs = inputs
+        self.stop = stop
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
@@ -151,8 +155,10 @@ class Trainer:
         self.interval = Interval(self.dist.device)
         actions = self._actions(end)
         self._run_due([self.profiler], state)  # a window that opens at the next step starts before it
+        self.stop = self.stop or StopRequest(self.dist.rank)
+        self.stop.arm()
         self.log.start(cfg.train.max_steps, state.step)
-        while state.step < end:
+        while state.step < end and not self.stop.agreed_signum:
             if state.batch_in_epoch >= per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             loader = build_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
@@ -174,12 +180,16 @@ class Trainer:
                     self.interval.steps += 1
                     self.log.advance(state.step)
                     self._run_due(actions, state)
-                    if state.step >= end:
+                    if state.step >= end or self.stop.agreed():  # a signal: every rank stops at this step
                         break
                 fetch_start = time.perf_counter()
         self.finite.run(state.step, state)
-        if cfg.checkpoint.save_final or state.step < cfg.train.max_steps:  # a stopped launch must resume
+        signalled = bool(self.stop.agreed_signum)
+        if signalled or cfg.checkpoint.save_final or state.step < cfg.train.max_steps:  # a stopped launch must resume
             self.save(state.step, state)  # no-op when this step is already checkpointed
+        if signalled:  # the run is not done: no final export or grid
+            self.log.close()
+            raise self.stop.stopped(state.step, ckpt.tag_for(state.step))
         self.exporter.write(self.model, self.run_dir / "export", state.step)
         if cfg.logging.sample_every_steps and not from_rank0(self.grids.path(state.step).exists()):
             self.grids.run(state.step, state)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 import pytest
 import torch
@@ -325,3 +329,82 @@ def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_
     assert [r["step"] for r in records] == [2, 3]
     assert records[0]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
     assert (ckpts / "step-0000003" / "COMMITTED").is_file()
+
+
+def signalled_run(args: list[str], send) -> tuple[subprocess.CompletedProcess, int]:
+    """Starts a 2-process deepspeed run in its own process group, calls send(runner) once step 1 is logged,
+    and waits for every process that holds the output. Returns the result and the live processes left."""
+    run_dir = Path(next(a for a in args if a.startswith("--logging.run_dir=")).split("=", 1)[1])
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *args, "--train.max_steps=500", "--checkpoint.every_steps=0"]
+    runner = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert runner.poll() is None, runner.communicate()[1][-3000:]
+            time.sleep(0.2)
+        send(runner)
+        out, err = runner.communicate(timeout=120)  # the pipes close when the last rank has exited
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    left = [p for p in psutil.process_iter(["status"]) if _group(p) == runner.pid
+            and p.info["status"] != psutil.STATUS_ZOMBIE]
+    return subprocess.CompletedProcess(cmd, runner.returncode, out, err), len(left)
+
+
+def _group(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))
+
+
+STOPPED = re.compile(r"train.py: stopped on (.+) after step (\d+); checkpoint step-(\d+) is committed; resume with "
+                     r"--resume latest\.")
+
+
+def test_ctrl_c_stops_every_rank_after_one_step_with_a_committed_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    """SIGINT to the whole launch (a terminal's Ctrl-C): the launcher passes it on as SIGTERM, the ranks finish
+    their step, save it and exit non-zero with one line; no rank says another failed."""
+    run = tmp_path / "ctrl-c"
+    result, left = signalled_run(common_args(tiny_model_dir, data_dir, run),
+                                 lambda runner: os.killpg(runner.pid, signal.SIGINT))
+    assert result.returncode != 0 and left == 0
+    lines = [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]
+    assert len(lines) == 1, result.stderr[-3000:]
+    cause, step, tag = lines[0].groups()
+    assert cause == "SIGINT" and step == tag.lstrip("0") and committed_steps(run) == [int(step)]
+    assert sorted(losses(run)) == list(range(1, int(step) + 1))
+    assert len(list((run / "checkpoints" / f"step-{tag}").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert "another rank failed" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["runner", "rank 1"])
+def test_sigterm_to_the_runner_or_to_one_rank_stops_both_ranks_at_one_step(tiny_model_dir, data_dir, tmp_path,
+                                                                           target):
+    """Signalled alone, DeepSpeed's runner exits at once: the ranks notice and stop as on a signal. A signal to
+    one rank reaches the other through the step's all_reduce, so both save the same step."""
+    def send(runner):
+        if target == "runner":
+            runner.send_signal(signal.SIGTERM)
+        else:
+            ranks = [p for p in psutil.Process(runner.pid).children(recursive=True)
+                     if "--local_rank=1" in p.cmdline()]
+            ranks[0].send_signal(signal.SIGTERM)
+
+    run = tmp_path / target.replace(" ", "")
+    result, left = signalled_run(common_args(tiny_model_dir, data_dir, run), send)
+    assert result.returncode != 0 and left == 0, result.stderr[-3000:]
+    [line] = [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]
+    cause, step, tag = line.groups()
+    expected = r"SIGTERM sent to another rank" if target == "rank 1" else r"the exit of the deepspeed runner \(pid \d+\)"
+    assert re.fullmatch(expected, cause), cause
+    assert committed_steps(run) == [int(step)] and max(losses(run)) == int(step)
+    assert "another rank failed" not in result.stderr and "Traceback" not in result.stderr
+
