@@ -53,19 +53,33 @@ def main(argv: list[str] | None = None) -> int:
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
     from defect_ds.train.checkpoint import CheckpointWriteError
-    from defect_ds.train.distributed import init_distributed, lost_peer
+    from defect_ds.train.distributed import MasterPortInUse, init_distributed, lost_peer
     from defect_ds.train.monitors import TrainingDiverged
+    from defect_ds.train.run_lock import RunDirLocked, lock_for_launch
     from defect_ds.train.stop import Stopped
     from defect_ds.train.trainer import Trainer
     from defect_ds.utils.files import DiskFullError
 
-    dist_info = init_distributed(cfg.train.collective_timeout_s)
+    try:
+        dist_info = init_distributed(cfg.train.collective_timeout_s)
+    except MasterPortInUse as e:
+        print(f"train.py: error: {e}", file=sys.stderr)  # only rank 0 binds the port
+        return 2
     stop.rank = dist_info.rank
     stop.watch_launcher()
+    run_lock = None
     trainer = Trainer(cfg, dist_info, inputs, stop)
     try:
+        run_lock = lock_for_launch(cfg.logging.run_dir, dist_info.is_main)
+        if run_lock is not None and run_lock.stale_holder:
+            print(f"train.py: took over {run_lock.path}, left by a launch that has ended ({run_lock.stale_holder}).",
+                  file=sys.stderr)
         trainer.setup()
         trainer.train()
+    except RunDirLocked as e:  # every rank has rank 0's verdict: one says it
+        if dist_info.is_main:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     except Stopped as e:
         if dist_info.is_main:
             print(f"train.py: {e}", file=sys.stderr)
@@ -89,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutdown()
+        if run_lock is not None:
+            run_lock.release()
     return 0
 
 

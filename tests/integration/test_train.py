@@ -408,3 +408,41 @@ def test_sigterm_to_the_runner_or_to_one_rank_stops_both_ranks_at_one_step(tiny_
     assert committed_steps(run) == [int(step)] and max(losses(run)) == int(step)
     assert "another rank failed" not in result.stderr and "Traceback" not in result.stderr
 
+
+def test_a_second_launch_into_a_locked_run_dir_or_onto_a_busy_port_stops_in_one_sentence(tiny_model_dir, data_dir,
+                                                                                          tmp_path):
+    """The run directory is held (as by a first launch still running): the second launch, two ranks under
+    deepspeed, stops with one sentence naming the holder and writes nothing. A master port in use: one
+    sentence naming the port, not torch's DistNetworkError."""
+    import socket
+
+    from defect_ds.train.run_lock import LOCK_FILE, RunDirLock
+
+    run = tmp_path / "busy"
+    held = RunDirLock.take(run)
+    (run / "config.json").write_text("{}\n")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *common_args(tiny_model_dir, data_dir, run, train__max_steps=2)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    held.release()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]  # rank 0 says it; rank 1 got the same verdict
+    assert errors[0].startswith(f"train.py: error: {run} is in use by another launch (pid {os.getpid()} on host "
+                                f"{socket.gethostname()}, since ")
+    assert f"lock file {run / LOCK_FILE}); wait for it to end or stop it" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # config.json untouched, nothing new
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_args(tiny_model_dir, data_dir, run)],
+                                env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"train.py: error: The master port {port} on 127.0.0.1 is in use by another "
+                                    "launch or program; give this launch another one: deepspeed --master_port ")
+    assert len(result.stderr.splitlines()) == 1 and not (run / "metrics.jsonl").exists()
