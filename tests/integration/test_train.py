@@ -324,10 +324,11 @@ def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step2_before = next(r["loss"] for r in first if r["step"] == 2)
 
+    assert [r["step"] for r in first] == [1, 2]  # step 2 was logged, then its save failed
     deepspeed_train([*args, "--resume", "latest"])
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][len(first):]
-    assert [r["step"] for r in records] == [2, 3]
-    assert records[0]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # each step once: the resume from step 1 logs step 2 anew
+    assert records[1]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
     assert (ckpts / "step-0000003" / "COMMITTED").is_file()
 
 
@@ -369,20 +370,46 @@ STOPPED = re.compile(r"train.py: stopped on (.+) after step (\d+); checkpoint st
                      r"--resume latest\.")
 
 
-def test_ctrl_c_stops_every_rank_after_one_step_with_a_committed_checkpoint(tiny_model_dir, data_dir, tmp_path):
+def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves_to_one_process_and_back(
+        tiny_model_dir, data_dir, tmp_path):
     """SIGINT to the whole launch (a terminal's Ctrl-C): the launcher passes it on as SIGTERM, the ranks finish
-    their step, save it and exit non-zero with one line; no rank says another failed."""
+    their step, save it and exit non-zero with one line; no rank says another failed. Then a resume with
+    another LoRA rank or other data is refused before anything is written, one on 1 process converts the
+    2-process checkpoint (DeepSpeed's universal checkpoint), and one on 2 processes again continues that;
+    metrics.jsonl holds each step once."""
     run = tmp_path / "ctrl-c"
-    result, left = signalled_run(common_args(tiny_model_dir, data_dir, run),
-                                 lambda runner: os.killpg(runner.pid, signal.SIGINT))
+    args = common_args(tiny_model_dir, data_dir, run)
+    result, left = signalled_run(args, lambda runner: os.killpg(runner.pid, signal.SIGINT))
     assert result.returncode != 0 and left == 0
     lines = [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]
     assert len(lines) == 1, result.stderr[-3000:]
     cause, step, tag = lines[0].groups()
-    assert cause == "SIGINT" and step == tag.lstrip("0") and committed_steps(run) == [int(step)]
-    assert sorted(losses(run)) == list(range(1, int(step) + 1))
+    stop = int(step)
+    assert cause == "SIGINT" and stop == int(tag) and committed_steps(run) == [stop]
+    assert sorted(losses(run)) == list(range(1, stop + 1))
     assert len(list((run / "checkpoints" / f"step-{tag}").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert "another rank failed" not in result.stderr
+
+    resume = [*args, f"--train.max_steps={stop + 2}", "--checkpoint.every_steps=0", "--resume", "latest"]
+    config = (run / "config.json").read_bytes()
+    for change, named in ((["--lora.rank=4", "--lora.target_modules=to_q"], "lora.rank from 8 to 4; lora.target_modules"),
+                          (["--data.hflip=false"], "was trained on other data (data.hflip from True to False)")):
+        refused = subprocess.run([sys.executable, str(ROOT / "train.py"), *resume, *change], env=_env(),
+                                 capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr[-3000:]
+        assert refused.stderr.startswith("train.py: error: Checkpoint ") and named in refused.stderr
+    assert (run / "config.json").read_bytes() == config  # nothing written before the check
+
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *resume, f"--train.stop_at_step={stop + 1}"],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"at step {stop}, saved by 2 process(es), now 1" in one.stderr
+    assert len(list((run / "checkpoints" / f"step-{stop + 1:07d}").glob("zero_pp_rank_*_optim_states.pt"))) == 1
+    assert not (run / "checkpoints" / "universal").exists()  # the converted copy goes once loaded
+    back = deepspeed_train(resume)
+    assert f"at step {stop + 1}, saved by 1 process(es), now 2" in back.stdout + back.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stop + 3))
 
 
 @pytest.mark.parametrize("target", ["runner", "rank 1"])
