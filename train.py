@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    from defect_ds.train.stop import StopRequest
+
+    # first: a SIGTERM or Ctrl-C while the model loads ends the launch with one line, not a traceback
+    stop = StopRequest(int(os.environ.get("RANK", "0")))
     # torch and the library load only once the config is valid: a bad setting fails in a second
     from defect_ds.train.preflight import check_run_inputs
 
@@ -49,16 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     from defect_ds.data.loader import BadShardError
     from defect_ds.data.sample import BadSampleError
     from defect_ds.train.checkpoint import CheckpointWriteError
-    from defect_ds.train.distributed import init_distributed, lost_peer
+    from defect_ds.train.distributed import MasterPortInUse, init_distributed, lost_peer
     from defect_ds.train.monitors import TrainingDiverged
+    from defect_ds.train.run_lock import RunDirLocked, lock_for_launch
+    from defect_ds.train.stop import Stopped
     from defect_ds.train.trainer import Trainer
     from defect_ds.utils.files import DiskFullError
 
-    dist_info = init_distributed(cfg.train.collective_timeout_s)
-    trainer = Trainer(cfg, dist_info, inputs)
     try:
+        dist_info = init_distributed(cfg.train.collective_timeout_s)
+    except MasterPortInUse as e:
+        print(f"train.py: error: {e}", file=sys.stderr)  # only rank 0 binds the port
+        return 2
+    stop.rank = dist_info.rank
+    stop.watch_launcher()
+    run_lock = None
+    trainer = Trainer(cfg, dist_info, inputs, stop)
+    try:
+        run_lock = lock_for_launch(cfg.logging.run_dir, dist_info.is_main)
+        if run_lock is not None and run_lock.stale_holder:
+            print(f"train.py: took over {run_lock.path}, left by a launch that has ended ({run_lock.stale_holder}).",
+                  file=sys.stderr)
         trainer.setup()
         trainer.train()
+    except RunDirLocked as e:  # every rank has rank 0's verdict: one says it
+        if dist_info.is_main:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        if dist_info.is_main:
+            print(f"train.py: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, TrainingDiverged, BadSampleError, BadShardError,
             CheckpointWriteError, DiskFullError) as e:
         # one rank's error ends this process; the launcher then stops the others, and a rank on
@@ -68,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not lost_peer(e):
             raise
+        signalled = stop.lost_peer_message()  # a peer that a second signal ended at once
+        if signalled:
+            print(f"train.py: {signalled}", file=sys.stderr)
+            return stop.exit_code
         # the rank that failed printed its own sentence; this one only lost its connection to it
         print(f"train.py: rank {dist_info.rank} stopped: another rank failed and its error is above.",
               file=sys.stderr)
         return 1
     finally:
         shutdown()
+        if run_lock is not None:
+            run_lock.release()
     return 0
 
 

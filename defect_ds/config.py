@@ -198,6 +198,9 @@ class CheckpointConfig:
     # checkpoint at the end of the run (with every_steps=0 the only one); a launch cut short by
     # train.stop_at_step always saves, since it is meant to be resumed
     save_final: bool = True
+    # a resume on other data than the checkpoint's (shards, split, augmentation) goes on, and is logged,
+    # only when this is true; false stops it before anything is written
+    allow_data_change: bool = False
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")

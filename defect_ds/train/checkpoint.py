@@ -42,6 +42,16 @@ def tag_for(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def step_of(tag: str) -> int:
+    return int(tag.split("-")[1])
+
+
+def read_meta(folder: Path) -> dict:
+    """A checkpoint's meta.json; {} for one saved without it."""
+    path = folder / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def committed_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if (p / COMMIT_MARKER).is_file())
 
@@ -99,9 +109,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int,
-                    is_main: bool) -> Path:
-    """Every rank saves what trains (no frozen weights); then rank 0 writes meta.json, commits and
-    prunes old checkpoints."""
+                    is_main: bool, record: dict | None = None) -> Path:
+    """Every rank saves what trains (no frozen weights); then rank 0 writes meta.json (with `record`, what
+    a resume checks its launch against), commits and prunes old checkpoints."""
     tag = tag_for(step)
     start = time.perf_counter()
     try:
@@ -114,7 +124,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         try:
             meta = {"step": step, "save_s": round(time.perf_counter() - start, 3),
                     "bytes": folder_bytes(ckpt_dir / tag), "base_fingerprint": client_state.get("base_fingerprint"),
-                    "trained_parameters": len(client_state.get("trained_parameters", []))}
+                    "trained_parameters": len(client_state.get("trained_parameters", [])), **(record or {})}
             (ckpt_dir / tag / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             commit(ckpt_dir, step)
         except OSError as e:
@@ -128,7 +138,7 @@ def write_failure_message(error: BaseException, ckpt_dir: Path, step: int) -> st
     """One sentence for a checkpoint write that failed: what, where, what is safe, what to do. The step's
     folder has no commit marker, so resuming never takes it."""
     done = committed_checkpoints(ckpt_dir)
-    kept = (f"the last committed checkpoint is step {int(done[-1].name.split('-')[1])} and intact" if done
+    kept = (f"the last committed checkpoint is step {step_of(done[-1].name)} and intact" if done
             else "no checkpoint was committed yet")
     if is_disk_full(error, ckpt_dir):  # also where torch's zip writer hides the errno
         return (f"No space left while saving step {step} in {ckpt_dir}; {kept}; free space and resume with "
@@ -161,7 +171,8 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 def load_checkpoint(engine, ckpt_dir: Path, tag: str, *, base_fingerprint: str,
                     trained_parameters: list[str]) -> dict:
     """Loads what trains over the frozen base already in `engine` (from model.pretrained_dir), after
-    checking that base and the set of trained parameters are the ones the checkpoint was saved with."""
+    checking that base and the set of trained parameters are the ones the checkpoint was saved with.
+    `ckpt_dir` may be the universal copy `resume.to_universal` made."""
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True, load_module_strict=False)
     if client_state is None:
@@ -170,14 +181,17 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, *, base_fingerprint: str,
     return client_state
 
 
-def check_same_base(client_state: dict, where: Path, base_fingerprint: str, trained_parameters: list[str]) -> None:
-    """Raises ConfigError when a lean checkpoint would be put on another base model or another set of
-    trained parameters (which a non-strict load would otherwise accept in silence)."""
-    saved = client_state.get("base_fingerprint")
+def check_same_fingerprint(saved: str | None, where: Path, base_fingerprint: str) -> None:
     if saved != base_fingerprint:
         raise ConfigError(f"Checkpoint {where} was trained on a base model with fingerprint {saved}, but "
                          f"model.pretrained_dir now has {base_fingerprint}; point model.pretrained_dir at the "
                          f"model the run started from.")
+
+
+def check_same_base(client_state: dict, where: Path, base_fingerprint: str, trained_parameters: list[str]) -> None:
+    """Raises ConfigError when a lean checkpoint would be put on another base model or another set of
+    trained parameters (which a non-strict load would otherwise accept in silence)."""
+    check_same_fingerprint(client_state.get("base_fingerprint"), where, base_fingerprint)
     saved_names = client_state.get("trained_parameters")
     if saved_names != trained_parameters:
         missing = sorted(set(trained_parameters) - set(saved_names or []))[:3]

@@ -19,6 +19,10 @@ from defect_ds.utils.net import free_port
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
+class MasterPortInUse(RuntimeError):
+    """Rank 0 could not listen on the master port; the message is one sentence for the user."""
+
+
 @dataclass
 class DistInfo:
     rank: int
@@ -52,8 +56,16 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
         _share_cpu_cores()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        port = os.environ["MASTER_PORT"]
+        raise MasterPortInUse(f"The master port {port} on {os.environ['MASTER_ADDR']} is in use by another launch "
+                              f"or program; give this launch another one: deepspeed --master_port {free_port()} "
+                              "... (MASTER_PORT for launch/*.sh, --master_port for torchrun).") from None
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
 
 

@@ -20,17 +20,20 @@ class NullLogger:
 
 
 class RunLogger(NullLogger):
-    def __init__(self, cfg: LoggingConfig, run_dir: Path):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, first_step: int = 0):
+        """first_step: the step the run continues from; what an earlier launch logged after it goes, so
+        a resumed run logs each step once."""
         from rich.console import Console
 
         self.cfg = cfg
         self.console = Console(stderr=True)
+        keep_until(run_dir / "metrics.jsonl", first_step)
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1)
         self.progress = None
         self.task = None
 
@@ -75,5 +78,17 @@ class RunLogger(NullLogger):
         self.metrics.close()
 
 
-def make_logger(cfg: LoggingConfig, run_dir: Path, is_main: bool) -> NullLogger:
-    return RunLogger(cfg, run_dir) if is_main else NullLogger()
+def keep_until(metrics: Path, step: int) -> None:
+    """Drops the records after `step` from a metrics.jsonl (those a resumed run logs again)."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        from defect_ds.utils.files import atomic_write_text
+
+        atomic_write_text(metrics, "".join(kept))
+
+
+def make_logger(cfg: LoggingConfig, run_dir: Path, is_main: bool, first_step: int = 0) -> NullLogger:
+    return RunLogger(cfg, run_dir, first_step) if is_main else NullLogger()

@@ -8,6 +8,7 @@ non-finite check, log, checkpoint, sample grid). The loop's counters live in one
 """
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from defect_ds.config import RunConfig, save_config
+from defect_ds.config import ConfigError, RunConfig, save_config
 from defect_ds.data.loader import build_loader
 from defect_ds.model.defect_model import DefectDiffusionModel, build_model
 from defect_ds.perf.mfu import make_meter
@@ -26,20 +27,25 @@ from defect_ds.train.export import Exporter
 from defect_ds.train.logger import make_logger
 from defect_ds.train.monitors import Action, Every, FiniteCheck, Interval, ProfilerWindow
 from defect_ds.train.preflight import RunInputs, check_run_inputs
+from defect_ds.train.resume import launch_record, to_universal
 from defect_ds.train.sample_grid import SampleGrids
 from defect_ds.train.state import TrainState
+from defect_ds.train.stop import StopRequest
 from defect_ds.utils.device import resolve_dtype
 from defect_ds.utils.memory import retain_freed_memory
 from defect_ds.utils.quiet import quiet_libraries
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, inputs: RunInputs | None = None):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, inputs: RunInputs | None = None,
+                 stop: StopRequest | None = None):
         """inputs: what `check_run_inputs` found (train.py checks before the process group starts);
-        None checks them in `setup`."""
+        None checks them in `setup`. stop: the signal handler train.py installed first thing; None
+        installs one when the loop starts."""
         self.cfg = cfg
         self.dist = dist_info
         self.inputs = inputs
+        self.stop = stop
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
@@ -57,6 +63,7 @@ class Trainer:
             self.inputs = check_run_inputs(cfg, self.dist.world_size)
         self.ds_config = self.inputs.ds_config
         manifest = self.inputs.manifest
+        self.resume_dir = self._convert_for_world_size()  # before anything is written: a failure leaves config.json
         defect_tokens: dict[str, str] = dict(manifest.get("defect_tokens", {}))
 
         torch.manual_seed(cfg.train.seed)  # identical new-layer weights on every rank
@@ -74,7 +81,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.json")
         dist.barrier()
-        self.log = make_logger(cfg.logging, self.run_dir, self.dist.is_main)
+        tag = self.inputs.resume_tag
+        self.log = make_logger(cfg.logging, self.run_dir, self.dist.is_main, ckpt.step_of(tag) if tag else 0)
         if cfg.model.compile:
             self.engine.compile()
         self.model: DefectDiffusionModel = self.engine.module
@@ -87,8 +95,9 @@ class Trainer:
                                  is_main=self.dist.is_main)
         self.grids = SampleGrids(cfg.logging, self.model, self.run_dir / "samples",
                                  resolution_px=cfg.data.resolution_px, seed=cfg.train.seed, is_main=self.dist.is_main)
-        # what a lean checkpoint records so a resume can check it sits on the same base
-        self.base_fingerprint = ckpt.base_fingerprint(cfg.model.pretrained_dir)
+        # what a lean checkpoint records so a resume can check it sits on the same base, data and config
+        self.base_fingerprint = self.inputs.base_fingerprint
+        self.launch_record = launch_record(cfg, self.dist.world_size, manifest)
         self.trained_parameters = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self._maybe_resume()
         self.meter = make_meter(cfg.model, cfg.lora, cfg.data.resolution_px, self.model.vae, self.model, self.dist,
@@ -125,11 +134,38 @@ class Trainer:
             if self.cfg.checkpoint.resume:
                 self.log.info("checkpoint.resume=latest: no committed checkpoint yet, starting fresh")
             return
-        state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag, base_fingerprint=self.base_fingerprint,
+        state = ckpt.load_checkpoint(self.engine, self.resume_dir, tag, base_fingerprint=self.base_fingerprint,
                                      trained_parameters=self.trained_parameters)
         self.state.load_state_dict(state)
         ckpt.set_rng_state(state["rng"])
-        self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}")
+        saved_world_size = self.inputs.resume.saved_world_size
+        if saved_world_size != self.dist.world_size:
+            # the same share of the epoch done, in micro batches of this world size
+            self.state.batch_in_epoch = self.state.batch_in_epoch * saved_world_size // self.dist.world_size
+            dist.barrier()
+            if self.dist.is_main and self.resume_dir != self.ckpt_dir:
+                shutil.rmtree(self.resume_dir, ignore_errors=True)  # loaded: the universal copy has done its job
+        for note in self.inputs.resume.notes:
+            self.log.info(note)
+        self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}, saved by {saved_world_size} "
+                      f"process(es), now {self.dist.world_size}")
+
+    def _convert_for_world_size(self) -> Path:
+        """The folder to resume from: the checkpoints themselves, or, when the world size changed and ZeRO
+        partitioned the optimizer state, a universal copy rank 0 makes of the resume checkpoint."""
+        plan, tag = self.inputs.resume, self.inputs.resume_tag
+        if not tag or not self.ds_config.get("checkpoint", {}).get("load_universal"):
+            return self.ckpt_dir
+        refusal = None
+        if self.dist.is_main:
+            try:
+                to_universal(self.ckpt_dir, tag, plan.saved_world_size, self.dist.world_size)
+            except ConfigError as e:
+                refusal = str(e)
+        refusal = from_rank0(refusal)
+        if refusal:
+            raise ConfigError(refusal)
+        return self.ckpt_dir / "universal"
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> torch.Tensor:
@@ -151,8 +187,10 @@ class Trainer:
         self.interval = Interval(self.dist.device)
         actions = self._actions(end)
         self._run_due([self.profiler], state)  # a window that opens at the next step starts before it
+        self.stop = self.stop or StopRequest(self.dist.rank)
+        self.stop.arm()
         self.log.start(cfg.train.max_steps, state.step)
-        while state.step < end:
+        while state.step < end and not self.stop.agreed_signum:
             if state.batch_in_epoch >= per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             loader = build_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
@@ -174,12 +212,16 @@ class Trainer:
                     self.interval.steps += 1
                     self.log.advance(state.step)
                     self._run_due(actions, state)
-                    if state.step >= end:
+                    if state.step >= end or self.stop.agreed():  # a signal: every rank stops at this step
                         break
                 fetch_start = time.perf_counter()
         self.finite.run(state.step, state)
-        if cfg.checkpoint.save_final or state.step < cfg.train.max_steps:  # a stopped launch must resume
+        signalled = bool(self.stop.agreed_signum)
+        if signalled or cfg.checkpoint.save_final or state.step < cfg.train.max_steps:  # a stopped launch must resume
             self.save(state.step, state)  # no-op when this step is already checkpointed
+        if signalled:  # the run is not done: no final export or grid
+            self.log.close()
+            raise self.stop.stopped(state.step, ckpt.tag_for(state.step))
         self.exporter.write(self.model, self.run_dir / "export", state.step)
         if cfg.logging.sample_every_steps and not from_rank0(self.grids.path(state.step).exists()):
             self.grids.run(state.step, state)
@@ -242,7 +284,7 @@ class Trainer:
         client_state = {**state.state_dict(), "rng": ckpt.rng_state(), "base_fingerprint": self.base_fingerprint,
                         "trained_parameters": self.trained_parameters}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, step, client_state,
-                                    self.cfg.checkpoint.keep_last, self.dist.is_main)
+                                    self.cfg.checkpoint.keep_last, self.dist.is_main, self.launch_record)
         try:
             self.exporter.write(self.model, self.run_dir / "exports" / path.name, step)
         except OSError as e:  # a full disk: the checkpoint itself is committed already

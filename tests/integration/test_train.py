@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 import pytest
 import torch
@@ -320,8 +324,152 @@ def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step2_before = next(r["loss"] for r in first if r["step"] == 2)
 
+    assert [r["step"] for r in first] == [1, 2]  # step 2 was logged, then its save failed
     deepspeed_train([*args, "--resume", "latest"])
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][len(first):]
-    assert [r["step"] for r in records] == [2, 3]
-    assert records[0]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # each step once: the resume from step 1 logs step 2 anew
+    assert records[1]["loss"] == step2_before  # resumed from step 1: step 2 again, bit for bit
     assert (ckpts / "step-0000003" / "COMMITTED").is_file()
+
+
+def signalled_run(args: list[str], send) -> tuple[subprocess.CompletedProcess, int]:
+    """Starts a 2-process deepspeed run in its own process group, calls send(runner) once step 1 is logged,
+    and waits for every process that holds the output. Returns the result and the live processes left."""
+    run_dir = Path(next(a for a in args if a.startswith("--logging.run_dir=")).split("=", 1)[1])
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *args, "--train.max_steps=500", "--checkpoint.every_steps=0"]
+    runner = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert runner.poll() is None, runner.communicate()[1][-3000:]
+            time.sleep(0.2)
+        send(runner)
+        out, err = runner.communicate(timeout=120)  # the pipes close when the last rank has exited
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    left = [p for p in psutil.process_iter(["status"]) if _group(p) == runner.pid
+            and p.info["status"] != psutil.STATUS_ZOMBIE]
+    return subprocess.CompletedProcess(cmd, runner.returncode, out, err), len(left)
+
+
+def _group(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))
+
+
+STOPPED = re.compile(r"train.py: stopped on (.+) after step (\d+); checkpoint step-(\d+) is committed; resume with "
+                     r"--resume latest\.")
+
+
+def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves_to_one_process_and_back(
+        tiny_model_dir, data_dir, tmp_path):
+    """SIGINT to the whole launch (a terminal's Ctrl-C): the launcher passes it on as SIGTERM, the ranks finish
+    their step, save it and exit non-zero with one line; no rank says another failed. Then a resume with
+    another LoRA rank or other data is refused before anything is written, one on 1 process converts the
+    2-process checkpoint (DeepSpeed's universal checkpoint), and one on 2 processes again continues that;
+    metrics.jsonl holds each step once."""
+    run = tmp_path / "ctrl-c"
+    args = common_args(tiny_model_dir, data_dir, run)
+    result, left = signalled_run(args, lambda runner: os.killpg(runner.pid, signal.SIGINT))
+    assert result.returncode != 0 and left == 0
+    lines = [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]
+    assert len(lines) == 1, result.stderr[-3000:]
+    cause, step, tag = lines[0].groups()
+    stop = int(step)
+    assert cause == "SIGINT" and stop == int(tag) and committed_steps(run) == [stop]
+    assert sorted(losses(run)) == list(range(1, stop + 1))
+    assert len(list((run / "checkpoints" / f"step-{tag}").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert "another rank failed" not in result.stderr
+
+    resume = [*args, f"--train.max_steps={stop + 2}", "--checkpoint.every_steps=0", "--resume", "latest"]
+    config = (run / "config.json").read_bytes()
+    for change, named in ((["--lora.rank=4", "--lora.target_modules=to_q"], "lora.rank from 8 to 4; lora.target_modules"),
+                          (["--data.hflip=false"], "was trained on other data (data.hflip from True to False)")):
+        refused = subprocess.run([sys.executable, str(ROOT / "train.py"), *resume, *change], env=_env(),
+                                 capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr[-3000:]
+        assert refused.stderr.startswith("train.py: error: Checkpoint ") and named in refused.stderr
+    assert (run / "config.json").read_bytes() == config  # nothing written before the check
+
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *resume, f"--train.stop_at_step={stop + 1}"],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"at step {stop}, saved by 2 process(es), now 1" in one.stderr
+    assert len(list((run / "checkpoints" / f"step-{stop + 1:07d}").glob("zero_pp_rank_*_optim_states.pt"))) == 1
+    assert not (run / "checkpoints" / "universal").exists()  # the converted copy goes once loaded
+    back = deepspeed_train(resume)
+    assert f"at step {stop + 1}, saved by 1 process(es), now 2" in back.stdout + back.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stop + 3))
+
+
+@pytest.mark.parametrize("target", ["runner", "rank 1"])
+def test_sigterm_to_the_runner_or_to_one_rank_stops_both_ranks_at_one_step(tiny_model_dir, data_dir, tmp_path,
+                                                                           target):
+    """Signalled alone, DeepSpeed's runner exits at once: the ranks notice and stop as on a signal. A signal to
+    one rank reaches the other through the step's all_reduce, so both save the same step."""
+    def send(runner):
+        if target == "runner":
+            runner.send_signal(signal.SIGTERM)
+        else:
+            ranks = [p for p in psutil.Process(runner.pid).children(recursive=True)
+                     if "--local_rank=1" in p.cmdline()]
+            ranks[0].send_signal(signal.SIGTERM)
+
+    run = tmp_path / target.replace(" ", "")
+    result, left = signalled_run(common_args(tiny_model_dir, data_dir, run), send)
+    assert result.returncode != 0 and left == 0, result.stderr[-3000:]
+    [line] = [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]
+    cause, step, tag = line.groups()
+    expected = r"SIGTERM sent to another rank" if target == "rank 1" else r"the exit of the deepspeed runner \(pid \d+\)"
+    assert re.fullmatch(expected, cause), cause
+    assert committed_steps(run) == [int(step)] and max(losses(run)) == int(step)
+    assert "another rank failed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_launch_into_a_locked_run_dir_or_onto_a_busy_port_stops_in_one_sentence(tiny_model_dir, data_dir,
+                                                                                          tmp_path):
+    """The run directory is held (as by a first launch still running): the second launch, two ranks under
+    deepspeed, stops with one sentence naming the holder and writes nothing. A master port in use: one
+    sentence naming the port, not torch's DistNetworkError."""
+    import socket
+
+    from defect_ds.train.run_lock import LOCK_FILE, RunDirLock
+
+    run = tmp_path / "busy"
+    held = RunDirLock.take(run)
+    (run / "config.json").write_text("{}\n")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *common_args(tiny_model_dir, data_dir, run, train__max_steps=2)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    held.release()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]  # rank 0 says it; rank 1 got the same verdict
+    assert errors[0].startswith(f"train.py: error: {run} is in use by another launch (pid {os.getpid()} on host "
+                                f"{socket.gethostname()}, since ")
+    assert f"lock file {run / LOCK_FILE}); wait for it to end or stop it" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # config.json untouched, nothing new
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *common_args(tiny_model_dir, data_dir, run)],
+                                env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"train.py: error: The master port {port} on 127.0.0.1 is in use by another "
+                                    "launch or program; give this launch another one: deepspeed --master_port ")
+    assert len(result.stderr.splitlines()) == 1 and not (run / "metrics.jsonl").exists()

@@ -1,0 +1,127 @@
+"""A stop on a signal: SIGTERM or SIGINT makes the run finish its step, save it and exit; a second one exits at once.
+
+    kill -TERM <pid of a rank, the launcher or the deepspeed runner>   # saves the current step, exits 143
+
+Schedulers send SIGTERM (Slurm, Kubernetes, spot reclaims) and Ctrl-C sends SIGINT to every process of
+the launch. The handler only records the request; after every optimizer step the loop asks `agreed()`,
+an all_reduce of the flag, so every rank stops after the same step even when one rank alone was
+signalled. DeepSpeed's launcher passes a signal it gets on to the ranks as SIGTERM a moment later: a
+repeat within REPEAT_WINDOW_S is the same request. Before the loop starts there is nothing to save and
+a signal ends the process at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+REPEAT_WINDOW_S = 2.0  # the launcher's forwarded copy arrives within milliseconds; a person's second Ctrl-C later
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving; the message is the one line for the user."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into "a stop is requested"; install it in the main thread."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.pid = os.getpid()
+        self.signum = 0  # the signal this rank got; 0: none
+        self.cause = ""  # what to call it in messages: SIGTERM, or the runner's exit
+        self.first_at = 0.0
+        self.agreed_signum = 0  # the largest signal any rank got, as of the last `agreed()`
+        self.armed = False  # the loop runs: a request waits for the step boundary
+        self.saved = False  # the stop's checkpoint is committed: later signals change nothing
+        self.group = None
+        for signum in SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or self.agreed_signum)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if os.getpid() == self.pid:  # a forked data loader worker inherits the handler: its rank decides
+            self.request(signum, signal.Signals(signum).name)
+
+    def request(self, signum: int, cause: str) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.cause, self.first_at = signum, cause, now
+            if not self.armed:
+                self._exit_now(f"stopped on {cause} before training started; nothing was saved.")
+        elif not self.saved and now - self.first_at > REPEAT_WINDOW_S:
+            self._exit_now(f"stopped at once on a second {signal.Signals(signum).name}; the last committed "
+                           "checkpoint is intact; resume with --resume latest.")
+
+    def _exit_now(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"train.py: {message}", file=sys.stderr, flush=True)
+        os._exit(self.exit_code)
+
+    def arm(self) -> None:
+        """The loop starts: from now on a request waits for the step boundary. Call it on every rank."""
+        # a CPU flag over gloo: on GPUs the check adds no device sync to the step
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.armed = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled; every rank gets the same answer. Call it at each step boundary."""
+        flag = torch.tensor(self.signum, dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.agreed_signum = int(flag)  # a CPU tensor: reading it waits for no device
+        return bool(self.agreed_signum)
+
+    def stopped(self, step: int, tag: str) -> Stopped:
+        """The one line after the stop's checkpoint `tag` of `step` is committed."""
+        self.saved = True
+        cause = self.cause or f"{signal.Signals(self.agreed_signum).name} sent to another rank"
+        return Stopped(f"stopped on {cause} after step {step}; checkpoint {tag} is committed; resume with "
+                       "--resume latest.", self.exit_code)
+
+    def lost_peer_message(self) -> str | None:
+        """What this rank says when a collective fails after a signal (a peer that exited at once), else None."""
+        if self.signum:
+            return f"rank {self.rank} stopped on {self.cause}."
+        if self.agreed_signum:
+            return f"rank {self.rank} stopped: another rank got {signal.Signals(self.agreed_signum).name}."
+        return None
+
+    def watch_launcher(self, poll_s: float = 1.0) -> None:
+        """Under the deepspeed launcher, a stop when the `deepspeed` runner above it exits: signalled alone
+        (Kubernetes signals only the container's first process), the runner ends at once and leaves the
+        launcher and the ranks running."""
+        import psutil
+
+        try:
+            launcher = psutil.Process(os.getppid())
+            if "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+                return
+            runner = launcher.ppid()
+        except psutil.Error:
+            return
+
+        def watch() -> None:
+            while True:
+                time.sleep(poll_s)
+                try:
+                    gone = launcher.ppid() != runner  # the orphaned launcher was given another parent
+                except psutil.Error:
+                    gone = True
+                if gone:
+                    self.request(signal.SIGTERM, f"the exit of the deepspeed runner (pid {runner})")
+                    return
+
+        threading.Thread(target=watch, name="watch-deepspeed-runner", daemon=True).start()
