@@ -120,7 +120,7 @@ def write_bar_plot(results: dict, path: Path) -> None:
     ax.set_xticks(x, METRICS)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score on held-out real defects")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(arms), fontsize=8, frameon=False)  # off the bars
     ax.set_title(f"Segmenter per arm, mean and std over {results['settings']['seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,31 +21,41 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU computes bf16 dot products natively (avx512_bf16 or AMX). Without them oneDNN
-    emulates bf16 and it is slower than fp32; with them a matmul ran 2.2x the fp32 rate here."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+def _cpu_flags(cpuinfo: str) -> set[str]:
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 dot products natively (avx512_bf16 or AMX). Without them oneDNN
+    emulates bf16 and it is slower than fp32; with them a matmul ran 2.2x the fp32 rate here."""
+    flags = _cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo)
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
-def cpu_name() -> str:
-    """The CPU's model name, for benchmark records."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and kind, for benchmark records: `AMD EPYC (avx512_bf16)`, `Intel Xeon
+    (amx_bf16)`, or `(no native bf16, avx2)`; results and speed choices differ between the kinds."""
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    flags = _cpu_flags(cpuinfo)
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if native:
+        return f"{name} ({native[0]})"
+    vector = next((f for f in ("avx512f", "avx2") if f in flags), "")
+    return f"{name} (no native bf16{', ' + vector if vector else ''})" if flags else name
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -96,4 +96,8 @@ def test_cpu_name_reads_the_model_name(monkeypatch, tmp_path):
         return cpuinfo if name == "/proc/cpuinfo" else real_path(name, *rest)
 
     monkeypatch.setattr("defect_ds.utils.device.Path", fake_path)
-    assert cpu_name() == "Test CPU @ 2.0GHz"
+    assert cpu_name() == "Test CPU @ 2.0GHz (no native bf16)"
+    # the kind that decides bf16's speed and the last bits of results, named in every record
+    assert cpu_name("model name\t: Xeon\nflags\t: avx2 avx512f avx512_bf16 amx_bf16\n") == "Xeon (amx_bf16)"
+    assert cpu_name("model name\t: EPYC\nflags\t: avx2 avx512f avx512_bf16\n") == "EPYC (avx512_bf16)"
+    assert cpu_name("model name\t: EPYC\nflags\t: avx2\n") == "EPYC (no native bf16, avx2)"
