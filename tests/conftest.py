@@ -37,6 +37,37 @@ def make_synthetic():
     return make
 
 
+# ELPV's labels, a few of each per cell type; the real images are CC BY-NC-SA, so tests draw their own
+ELPV_CELLS = [(p, t) for t in ("mono", "poly") for p, n in (("0.0", 8), ("0.3333333333333333", 2),
+                                                            ("0.6666666666666666", 2), ("1.0", 5)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def make_elpv():
+    """make_elpv(folder, cells=ELPV_CELLS, size_px=40) writes a fake ELPV data folder, `labels.csv` (one
+    `images/cellNNNN.png PROBABILITY TYPE` a line) and grayscale PNGs (defect cells with a dark crack),
+    and returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    def make(root: Path, cells: list[tuple[str, str]] = ELPV_CELLS, size_px: int = 40) -> Path:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        lines = []
+        for i, (probability, cell_type) in enumerate(cells, 1):
+            cell = rng.normal(150 if cell_type == "mono" else 120, 12, (size_px, size_px))
+            if float(probability) > 0:
+                row = int(rng.integers(4, size_px - 4))
+                cell[row - 1:row + 1, 4:-4] = 30
+            name = f"images/cell{i:04d}.png"
+            Image.fromarray(np.clip(cell, 0, 255).astype(np.uint8), "L").save(root / name)
+            lines.append(f"{name}  {probability}  {cell_type}")
+        (root / "labels.csv").write_text("\n".join(lines) + "\n")
+        return root
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ class SourceItem:
     category: str
     defect_type: str
     caption: str | None = None  # None: made from the caption template of the defect type
+    record: dict = field(default_factory=dict)  # more fields for the sample's json record (e.g. ELPV's label)
 
 
 def mvtec_mask_path(category_dir: Path, defect_type: str, stem: str) -> Path:
@@ -150,8 +151,8 @@ def load_item(item: SourceItem, caption: str, *, missing_mask: MissingMask | Non
     if not caption.strip():
         raise BadSampleError(f"{item.image_path} has an empty caption; give a caption or drop the caption "
                              "field so the defect type's template is used.")
-    record = {"category": item.category, "defect_type": item.defect_type, "source": str(item.image_path),
-              "mask_source": mask_source}
+    record = {**item.record, "category": item.category, "defect_type": item.defect_type,
+              "source": str(item.image_path), "mask_source": mask_source}
     return Sample(item.key, image, mask, caption.strip(), record)
 
 

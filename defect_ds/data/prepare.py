@@ -1,8 +1,9 @@
-"""`defect-ds prepare {synthetic,mvtec,folder}`: source images -> checked samples -> shards + manifest.
+"""`defect-ds prepare {synthetic,mvtec,folder,elpv}`: source images -> checked samples -> shards + manifest.
 
     defect-ds prepare synthetic work/data/synthetic/shards
     defect-ds prepare mvtec /data/mvtec_ad --category pill work/data/mvtec-pill
     defect-ds prepare folder /data/mine/manifest.csv work/data/mine --missing-mask full
+    defect-ds prepare elpv work/data/elpv --resolution-px 256
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from defect_ds.data import importers, latents, synthetic
+from defect_ds.data import elpv, importers, latents, synthetic
 from defect_ds.data.captions import (DEFAULT_TOKEN_PREFIX, caption_for, defect_tokens, parse_token_overrides,
                                      read_templates)
 from defect_ds.data.sample import DEFAULT_MAX_IMAGE_PIXELS, GOOD, BadSampleError, Sample
@@ -146,7 +147,7 @@ def report(manifest: dict[str, Any], out_dir: str | Path) -> None:
         console.print(mask_note, markup=False)
 
 
-# ---- the three sources --------------------------------------------------------------------------
+# ---- the sources --------------------------------------------------------------------------------
 def synthetic_jobs(*, resolution_px: int, per_defect: int, good_per_category: int, seed: int,
                    tokens: dict[str, str], templates: dict[str, str], categories: tuple[str, ...]) -> list[Job]:
     return [Job(synthetic.sample_key(c, t, i), t, f"synthetic {c} {t} {i}",
@@ -157,11 +158,13 @@ def synthetic_jobs(*, resolution_px: int, per_defect: int, good_per_category: in
 
 
 def item_jobs(items: list[importers.SourceItem], tokens: dict[str, str], templates: dict[str, str],
-              missing_mask: importers.MissingMask | None, max_pixels: int) -> list[Job]:
+              missing_mask: importers.MissingMask | None, max_pixels: int, resolution_px: int | None = None
+              ) -> list[Job]:
     def load(item: importers.SourceItem) -> Sample:
         caption = item.caption if item.caption is not None else caption_for(item.category, item.defect_type,
                                                                              tokens, templates)
-        return importers.load_item(item, caption, missing_mask=missing_mask, max_pixels=max_pixels)
+        sample = importers.load_item(item, caption, missing_mask=missing_mask, max_pixels=max_pixels)
+        return sample if resolution_px is None else sample.resized(resolution_px)
 
     return [Job(item.key, item.defect_type, str(item.image_path), partial(load, item)) for item in items]
 
@@ -223,6 +226,28 @@ def run_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_elpv(args: argparse.Namespace) -> int:
+    if args.resolution_px < 8:
+        raise ValueError(f"--resolution-px {args.resolution_px} is too small; use 8 or more (ELPV cells are 300).")
+    root = Path(args.elpv_dir) if args.elpv_dir else elpv.default_root()
+    items, left_out = elpv.elpv_items(root, args.defect_threshold, args.uncertain)
+    tokens = _tokens(args, [elpv.DEFECT])
+    templates = read_templates(args.caption_templates) or elpv.TEMPLATES
+    jobs = item_jobs(items, tokens, templates, "full", args.max_image_pixels, args.resolution_px)
+    n_defect = sum(1 for i in items if i.defect_type == elpv.DEFECT)
+    note = (f"{n_defect} defect cells (probability >= {args.defect_threshold}) got full masks (image-level "
+            "labels); " + (f"{left_out} uncertain cells were left out." if args.uncertain == "drop"
+                           else "uncertain cells count as good."))
+    manifest = write_dataset(jobs, args.out, _options(args), created_by="prepare elpv",
+                             source={"root": str(root), "labels": elpv.LABELS}, defect_tokens=tokens,
+                             caption_templates=templates, categories=list(elpv.CELL_TYPES),
+                             resolution_px=args.resolution_px, missing_masks=note,
+                             labels={"defect_threshold": args.defect_threshold, "uncertain": args.uncertain,
+                                     "uncertain_left_out": left_out})
+    report(manifest, args.out)
+    return 0
+
+
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     prepare = subparsers.add_parser("prepare", help="turn images and masks into training shards",
                                     description=__doc__.splitlines()[0])
@@ -266,4 +291,16 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--missing-mask", choices=["empty", "full"], default=None,
                    help="mask of a defect image listed without one (default: that is an error)")
     p.set_defaults(func=run_folder)
+    p = prepare_sub.add_parser("elpv", help="import the ELPV solar cells (image-level labels, no masks)")
+    p.add_argument("elpv_dir", nargs="?", default=None,
+                   help=f"folder holding labels.csv and images/ (default: the installed elpv_dataset; "
+                        f"{elpv.INSTALL_HINT})")
+    common(p)
+    p.add_argument("--resolution-px", type=int, default=300, help="image side in pixels (ELPV cells are 300)")
+    p.add_argument("--defect-threshold", type=float, default=elpv.DEFAULT_DEFECT_THRESHOLD,
+                   help="a cell is defect at this defect probability or above, good at 0")
+    p.add_argument("--uncertain", choices=["drop", "good"], default="drop",
+                   help="cells between 0 and the threshold: left out (default) or counted as good (as Deitsch et "
+                        "al. count them)")
+    p.set_defaults(func=run_elpv)
     latents.add_prepare_command(prepare_sub)

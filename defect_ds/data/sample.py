@@ -39,6 +39,14 @@ class Sample:
     caption: str
     record: dict[str, Any] = field(default_factory=dict)  # category, defect_type, source, split, size, ...
 
+    def resized(self, side_px: int) -> Sample:
+        """The sample at side_px x side_px (for square sources: no crop, no padding); the mask stays binary."""
+        if self.image.size == (side_px, side_px):
+            return self
+        size = (side_px, side_px)
+        return Sample(self.key, self.image.resize(size, Image.Resampling.LANCZOS),
+                      self.mask.resize(size, Image.Resampling.NEAREST), self.caption, dict(self.record))
+
     def encode(self) -> dict[str, Any]:
         """The dict `webdataset.TarWriter.write` takes: bytes per file name."""
         check_sample(self)

@@ -3,9 +3,12 @@
     defect-ds downstream split work/data/synthetic work/downstream
     defect-ds downstream eval work/downstream work/downstream/eval --arms real,copy-paste,generated,real+generated \
         --generated work/generated
+    defect-ds downstream eval work/elpv-split work/elpv-eval --task classify --arms real,cutmix,all-real
 
 `eval` trains the same small segmenter from scratch once per arm and seed and scores it on the split's
-test set: pixel AP, pixel AUROC, pixel F1-max, IoU at the F1-max threshold, image AUROC.
+test set: pixel AP, pixel AUROC, pixel F1-max, IoU at the F1-max threshold, image AUROC. With
+`--task classify` (image-level labels, e.g. ELPV) it trains the segmenter's encoder with a pooled head
+and scores image AUROC, image AP, image F1-max and accuracy at the F1-max threshold.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from PIL import Image
 
 from defect_ds.data.sample import DEFAULT_MAX_IMAGE_PIXELS, GOOD
 from defect_ds.downstream import report
-from defect_ds.downstream.arms import ARMS, Pairs
-from defect_ds.downstream.compare import compare
+from defect_ds.downstream.arms import BASELINES, TASK_ARMS, Pairs
+from defect_ds.downstream.compare import CLASSIFY_METRICS, METRICS, compare
 from defect_ds.downstream.runner import ArmData, Outcome, SegmenterSettings, default_workers, run_jobs
 from defect_ds.downstream.split import SPLIT_FILE, split_dataset
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
@@ -118,11 +121,13 @@ def generated_sources(path: str | Path) -> dict[str, str]:
             for item in iter_dataset(path)}
 
 
-def parse_arms(text: str, generated: str | None) -> list[str]:
-    arms = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+def parse_arms(text: str | None, generated: str | None, task: str = "segment") -> list[str]:
+    known = TASK_ARMS[task]
+    arms = [a.strip() for a in (text or ",".join(BASELINES[task])).split(",") if a.strip()]
+    unknown = [a for a in arms if a not in known]
     if unknown or not arms:
-        raise ValueError(f"Unknown arm(s) {', '.join(unknown) or '(none given)'} in --arms; use some of {', '.join(ARMS)}.")
+        raise ValueError(f"Unknown arm(s) {', '.join(unknown) or '(none given)'} in --arms for --task {task}; use some "
+                         f"of {', '.join(known)}.")
     twice = sorted({a for a in arms if arms.count(a) > 1})
     if twice:
         raise ValueError(f"--arms names {', '.join(twice)} more than once; name each arm once.")
@@ -166,8 +171,32 @@ def environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "scikit_learn": sklearn.__version__}
 
 
+def check_test(test: Pairs, task: str, where: Path) -> None:
+    """The test set can score this task: defect pixels for a segmenter, both classes for a classifier."""
+    is_defect = np.array([t != GOOD for t in test.types])
+    if task == "classify" and not (is_defect.any() and (~is_defect).any()):
+        missing, advice = (("good", "a larger --test-good-fraction") if is_defect.any() else
+                           ("defect", "fewer --shots or a smaller --pool-fraction"))
+        raise ValueError(f"The test set in {where} has no {missing} images; --task classify scores need both "
+                         f"classes, so re-run the split with {advice}.")
+    if task == "segment" and not test.masks[is_defect].any():
+        raise ValueError(f"The test set in {where} has no defect pixel in any mask; the pixel scores "
+                         "need real defects with masks.")
+
+
+def load_pool(split_dir: Path, size: int) -> Pairs:
+    """The split's training-side defect images that are not shots (the all-real arm's extra), checked."""
+    record = json.loads((split_dir / SPLIT_FILE).read_text())
+    if not record.get("pool") or not (split_dir / "pool").is_dir():
+        raise ValueError(f"The arm all-real needs defect images kept on the training side, and {split_dir} has none; "
+                         "re-run `defect-ds downstream split` with --pool-fraction 0.5, say.")
+    check_counts(split_dir, "pool", [item["key"] for item in iter_dataset(split_dir / "pool")])
+    return load_pairs(split_dir / "pool", size, defects=True)
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    arms = parse_arms(args.arms, args.generated)
+    task = args.task
+    arms = parse_arms(args.arms, args.generated, task)
     check_numbers(args)
     split_dir, out, size = Path(args.split_dir), Path(args.out), args.resolution_px
     if not (split_dir / SPLIT_FILE).is_file():
@@ -179,10 +208,9 @@ def run_eval(args: argparse.Namespace) -> int:
     check_counts(split_dir, "shots", [item["key"] for item in iter_dataset(split_dir / "shots")])
     test = load_test(split_dir / "test", size)
     check_counts(split_dir, "test", test.keys)
+    check_test(test, task, split_dir / "test")
     test_defect = np.array([t != GOOD for t in test.types])
-    if not test.masks[test_defect].any():
-        raise ValueError(f"The test set in {split_dir / 'test'} has no defect pixel in any mask; the pixel scores "
-                         "need real defects with masks.")
+    pool = load_pool(split_dir, size) if "all-real" in arms else None
     if not len(shots) or not len(goods):
         raise ValueError(f"{split_dir / 'shots'} needs defect shots with masks and good images; re-run the split.")
     generation = generation_settings(args.generated)  # before anything is written
@@ -196,33 +224,36 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {"settings": {"arms": arms, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
-                            "resolution_px": size, "split_dir": str(split_dir), "generated": args.generated,
-                            "width": args.width, "resamples": args.resamples,
-                            "segmenter": f"DRAEM-style discriminative U-Net (width {args.width}, GroupNorm), "
-                                         f"{args.loss} loss, AdamW with warm-up and clipping, good images 50/50"},
+    net = (f"DRAEM-style discriminative U-Net (width {args.width}, GroupNorm), {args.loss} loss" if task == "segment"
+           else f"the segmenter's encoder (width {args.width}, GroupNorm), mean and max pooled, one linear unit, BCE")
+    results = {"settings": {"task": task, "arms": arms, "seeds": args.seeds, "steps": args.steps,
+                            "batch_size": args.batch_size, "resolution_px": size, "split_dir": str(split_dir),
+                            "generated": args.generated, "width": args.width, "resamples": args.resamples,
+                            "segmenter": f"{net}, AdamW with warm-up and clipping, good images 50/50"},
                "train": {"shots": len(shots), "good_images": len(goods),
-                         "generated_pairs": len(generated) if generated is not None else 0},
+                         "generated_pairs": len(generated) if generated is not None else 0,
+                         "pool": len(pool) if pool is not None else 0},
                "test": {"defect_images": int(test_defect.sum()), "good_images": int((~test_defect).sum())},
                "generation": generation,
                "arms": {}}
-    grid_rows = [i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
+    grid_rows = [] if task == "classify" else [
+        i for t in sorted(set(test.types) - {GOOD}) for i in np.flatnonzero(np.array(test.types) == t)[:GRID_PER_TYPE]]
     grid_predictions: dict[str, np.ndarray] = {}
     per_seed: dict[str, list] = {arm: [None] * args.seeds for arm in arms}
     evidence_by_arm: dict[str, list] = {arm: [None] * args.seeds for arm in arms}
-    data = ArmData(shots, goods, {arm: generated for arm in arms if "generated" in arm}, test)
-    settings = SegmenterSettings(args.steps, args.batch_size, args.width, args.loss)
+    data = ArmData(shots, goods, {arm: generated for arm in arms if "generated" in arm}, test, pool)
+    settings = SegmenterSettings(args.steps, args.batch_size, args.width, args.loss, task=task)
     jobs = [(arm, seed) for seed in range(args.seeds) for arm in arms]
     with Progress(TextColumn("[bold]downstream"), BarColumn(), MofNCompleteColumn(), TextColumn("segmenters"),
                   TimeRemainingColumn(), disable=args.no_progress, transient=False) as progress:
-        task = progress.add_task("downstream", total=len(jobs))
+        bar = progress.add_task("downstream", total=len(jobs))
 
         def done(outcome: Outcome) -> None:
             per_seed[outcome.arm][outcome.seed] = outcome.scores
             evidence_by_arm[outcome.arm][outcome.seed] = outcome.evidence
             if outcome.grid is not None:
                 grid_predictions[outcome.arm] = outcome.grid
-            progress.advance(task)
+            progress.advance(bar)
 
         kept = Path(args.segmenters) if args.segmenters else out / "segmenters"
         reused = run_jobs(jobs, data, settings, workers=args.workers, grid_rows=grid_rows, on_done=done,
@@ -232,28 +263,32 @@ def run_eval(args: argparse.Namespace) -> int:
               f"settings ({kept}); the rest trained now.", file=sys.stderr)
     for arm in arms:
         results["arms"][arm] = {"summary": report.summarise(per_seed[arm]), "per_seed": per_seed[arm]}
-    grid_predictions = {arm: grid_predictions[arm] for arm in arms}
-    results["comparisons"] = compare(evidence_by_arm, test.types, resamples=args.resamples)
+    results["comparisons"] = compare(evidence_by_arm, test.types, resamples=args.resamples, baselines=BASELINES[task],
+                                     metrics=METRICS if task == "segment" else CLASSIFY_METRICS)
     results["environment"] = environment()  # the load average after the work it describes
     atomic_write_json(out / "downstream.json", results, sort_keys=True)
     report.write_markdown(results, out / "downstream.md")
     report.write_bar_plot(results, out / "downstream.png")
-    report.write_prediction_grid(test.images[grid_rows], test.masks[grid_rows], grid_predictions,
-                                 out / "predictions.png")
-    print(f"downstream: pixel AP by arm: " + ", ".join(
-        f"{a} {r['summary']['all']['pixel_ap']['mean']:.3f}" for a, r in results["arms"].items())
-        + ". " + report.verdict_sentence(results) + f" Wrote {out}/downstream.{{json,md,png}} and predictions.png",
-        file=sys.stderr)
+    written = "downstream.{json,md,png}"
+    if task == "segment":
+        report.write_prediction_grid(test.images[grid_rows], test.masks[grid_rows],
+                                     {arm: grid_predictions[arm] for arm in arms}, out / "predictions.png")
+        written += " and predictions.png"
+    metric = report.MAIN_METRIC[task]
+    print(f"downstream: {metric} by arm: " + ", ".join(
+        f"{a} {r['summary']['all'][metric]['mean']:.3f}" for a, r in results["arms"].items())
+        + ". " + report.verdict_sentence(results) + f" Wrote {out}/{written}", file=sys.stderr)
     return 0
 
 
 def run_split(args: argparse.Namespace) -> int:
     record = split_dataset(args.data, args.out, shots=args.shots, test_good_fraction=args.test_good_fraction,
-                           overwrite=args.overwrite)
+                           pool_fraction=args.pool_fraction, overwrite=args.overwrite)
     tests = {t: len(k) for t, k in record["test"].items()}
-    print(f"downstream split: shots {record['shots_per_type']}, test {tests}, train good images "
-          f"{len(record['shots'][GOOD])}; wrote {args.out}/shots, {args.out}/test, {args.out}/{SPLIT_FILE}",
-          file=sys.stderr)
+    pool = {t: len(k) for t, k in record["pool"].items()}
+    print(f"downstream split: shots {record['shots_per_type']}, test {tests}, pool {pool}, train good images "
+          f"{len(record['shots'][GOOD])}; wrote {args.out}/shots, {args.out}/test, {args.out}/pool, "
+          f"{args.out}/{SPLIT_FILE}", file=sys.stderr)
     return 0
 
 
@@ -267,12 +302,18 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--shots", type=int, default=None, help="shots per defect type (default: a third, at least 1)")
     s.add_argument("--test-good-fraction", type=float, default=0.5,
                    help="share of the good images put in the test set; the rest train and take generated defects")
+    s.add_argument("--pool-fraction", type=float, default=0.0,
+                   help="share of each type's non-shot defect images kept on the training side in OUT/pool, for "
+                        "the all-real arm only (default 0: every non-shot defect image is a test image)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=run_split)
-    e = verbs.add_parser("eval", help="train a segmenter per arm and seed, score it on the test set")
+    e = verbs.add_parser("eval", help="train a segmenter (or classifier) per arm and seed, score it on the test set")
     e.add_argument("split_dir", help="what `defect-ds downstream split` wrote")
     e.add_argument("out", help="writes downstream.json, downstream.md, downstream.png, predictions.png")
-    e.add_argument("--arms", default="real,copy-paste", help=f"comma-separated, of {', '.join(ARMS)}")
+    e.add_argument("--task", choices=tuple(TASK_ARMS), default="segment",
+                   help="segment: pixel masks; classify: image-level labels (a defect image's mask may be full)")
+    e.add_argument("--arms", default=None, help="comma-separated; segment: " + ", ".join(TASK_ARMS["segment"])
+                   + " (default real,copy-paste); classify: " + ", ".join(TASK_ARMS["classify"]) + " (default real,cutmix)")
     e.add_argument("--generated", help="a `defect-ds generate` output folder (needed by the generated arms)")
     e.add_argument("--seeds", type=int, default=8, help="segmenter seeds per arm (the same seeds for every arm)")
     e.add_argument("--steps", type=int, default=STEPS, help="segmenter training steps per arm and seed")

@@ -10,7 +10,9 @@ interval; an interval that excludes zero is a verdict, anything else is "no dete
 
 Pixel AP of a resample is computed from per-image counts of defect and good pixels in score bins
 (uniform in logit, BINS of them), so a resample is one matrix product instead of a sort of every pixel;
-on the bins' edges the binned AP equals scikit-learn's AP of the binned scores (tested).
+on the bins' edges the binned AP equals scikit-learn's AP of the binned scores (tested). A classifier's
+evidence is the same with one "pixel" per image (`image_evidence`): its binned AP is image AP, and the
+accuracy at the F1-max threshold of a resample comes from the same cumulative counts.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 BINS = 1024
 LOGIT_RANGE = 12.0
 METRICS = ("pixel_ap", "image_auroc")
+CLASSIFY_METRICS = ("image_ap", "image_auroc", "accuracy")
 GOOD = "good"
 
 
@@ -51,6 +54,21 @@ def evidence(probs: np.ndarray, masks: np.ndarray) -> Evidence:
     return Evidence(positive.astype(np.float32), negative.astype(np.float32), probs.reshape(n, -1).max(axis=1))
 
 
+def image_evidence(probs: np.ndarray, is_defect: np.ndarray) -> Evidence:
+    """A classifier's evidence: probs float (N,) per image, is_defect bool (N,); each image one pixel."""
+    return evidence(probs.reshape(-1, 1, 1), is_defect.reshape(-1, 1, 1))
+
+
+def accuracy_at_f1_max(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """Accuracy at the threshold (a bin edge) of the best F1, from (R, BINS) defect/good image counts per bin."""
+    tp, fp = np.cumsum(positive, axis=-1), np.cumsum(negative, axis=-1)
+    n_pos, n_neg = tp[..., -1:], fp[..., -1:]
+    f1 = 2 * tp / np.maximum(tp + fp + n_pos, 1e-12)
+    best = np.argmax(f1, axis=-1)[..., None]
+    correct = np.take_along_axis(tp, best, -1) + n_neg - np.take_along_axis(fp, best, -1)
+    return (correct / (n_pos + n_neg))[..., 0]
+
+
 def average_precision(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """AP of (R, BINS) defect/good pixel counts per bin, highest scores first: sum over thresholds of
     recall gained times precision at that threshold (scikit-learn's definition). NaN without defect pixels."""
@@ -72,11 +90,13 @@ def weighted_auroc(scores: np.ndarray, is_defect: np.ndarray, weights: np.ndarra
 
 def score(ev: Evidence, metric: str, weights: np.ndarray, is_defect: np.ndarray) -> np.ndarray:
     """`metric` of one segmenter on each resample of test images (weights (R, N))."""
-    if metric == "pixel_ap":
+    if metric in ("pixel_ap", "image_ap"):  # image_ap: a classifier's evidence (see image_evidence)
         return average_precision(weights @ ev.positive, weights @ ev.negative)
+    if metric == "accuracy":
+        return accuracy_at_f1_max(weights @ ev.positive, weights @ ev.negative)
     if metric == "image_auroc":
         return weighted_auroc(ev.image_score, is_defect, weights)
-    raise ValueError(f"Unknown metric {metric!r}; use one of {', '.join(METRICS)}.")
+    raise ValueError(f"Unknown metric {metric!r}; use one of {', '.join(METRICS + CLASSIFY_METRICS)}.")
 
 
 def image_resamples(is_defect: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,7 +144,7 @@ def compare(evidence_by_arm: dict[str, list[Evidence]], types: list[str], *,
         is_defect = types_arr[keep] != GOOD
         weights = image_resamples(is_defect, resamples, rng)
         for metric in metrics:
-            if metric == "image_auroc" and (is_defect.all() or not is_defect.any()):
+            if metric in ("image_auroc", "accuracy") and (is_defect.all() or not is_defect.any()):
                 continue
             per_arm = {arm: np.stack([score(_subset(ev, keep), metric, weights, is_defect)
                                       for ev in evidence_by_arm[arm]], axis=1) for arm in arms}  # (R+1, seeds)

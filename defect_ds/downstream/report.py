@@ -1,5 +1,5 @@
-"""downstream.json, downstream.md, a bar plot of the arms and a grid of test images with true and
-predicted masks.
+"""downstream.json, downstream.md, a bar plot of the arms and (for segmenters) a grid of test images with
+true and predicted masks.
 
     python -c "from defect_ds.downstream.report import summarise; print(summarise([{'all': {'pixel_ap': 0.5}}]))"
 """
@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from defect_ds.downstream.scores import METRICS
 from defect_ds.utils.files import atomic_write_text
+
+MAIN_METRIC = {"segment": "pixel_ap", "classify": "image_auroc"}  # the console line's and the verdicts' metric
+INSPECTOR = {"segment": "Segmenters", "classify": "Classifiers"}
 
 
 def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{group: {metric: {"mean", "std"}}} over seeds (std 0 for one seed; NaN metrics stay NaN)."""
+    """{group: {metric: {"mean", "std"}}} over seeds (std 0 for one seed; NaN metrics stay NaN); the metrics
+    are those of the first seed's scores."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for group in per_seed[0]:
         out[group] = {}
-        for metric in METRICS:
+        for metric in per_seed[0][group]:
             values = np.array([s[group].get(metric, math.nan) for s in per_seed], dtype=float)
             out[group][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     return out
@@ -30,8 +33,18 @@ def _interval(c: dict) -> str:
     return f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
 
 
-def verdict_sentence(results: dict, metric: str = "pixel_ap") -> str:
-    """One line of verdicts on `metric` over all test images: each arm against each baseline."""
+def _task(results: dict) -> str:
+    return results["settings"].get("task", "segment")  # results written before the classify task: segment
+
+
+def _metrics(results: dict) -> list[str]:
+    return list(next(iter(results["arms"].values()))["summary"]["all"])
+
+
+def verdict_sentence(results: dict, metric: str | None = None) -> str:
+    """One line of verdicts on `metric` (default: the task's main one) over all test images: each arm
+    against each baseline."""
+    metric = metric or MAIN_METRIC[_task(results)]
     rows = [c for c in results.get("comparisons", []) if c["metric"] == metric and c["type"] == "all"]
     if not rows:
         return "No paired comparison (one arm)."
@@ -80,15 +93,15 @@ def _provenance(results: dict) -> list[str]:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    arms = results["arms"]
-    lines = ["# Does it help? Segmenters trained per arm, scored on held-out real defects", "",
+    arms, metrics = results["arms"], _metrics(results)
+    lines = [f"# Does it help? {INSPECTOR[_task(results)]} trained per arm, scored on held-out real defects", "",
              f"Settings: {json.dumps(results['settings'], sort_keys=True)}", "",
              *_provenance(results),
              f"Mean ± spread (std) over {results['settings']['seeds']} seeds; test set: "
              f"{results['test']['defect_images']} defect images, {results['test']['good_images']} good images.", "",
-             "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+             "| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm, record in arms.items():
-        lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"]["all"][m]) for m in METRICS) + " |")
+        lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"]["all"][m]) for m in metrics) + " |")
     comparisons = results.get("comparisons", [])
     for metric in dict.fromkeys(c["metric"] for c in comparisons):
         lines += ["", f"## Paired differences in {metric} (arm minus baseline, 95% bootstrap interval over test "
@@ -97,9 +110,9 @@ def write_markdown(results: dict, path: Path) -> None:
     types = [g for g in next(iter(arms.values()))["summary"] if g != "all"]
     for t in types:
         lines += ["", f"## {t} (its test images plus every good test image)", "",
-                  "| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+                  "| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
         for arm, record in arms.items():
-            lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"][t][m]) for m in METRICS) + " |")
+            lines.append(f"| {arm} | " + " | ".join(_cell(record["summary"][t][m]) for m in metrics) + " |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -109,19 +122,19 @@ def write_bar_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(results["arms"])
-    x = np.arange(len(METRICS))
+    arms, metrics = list(results["arms"]), _metrics(results)
+    x = np.arange(len(metrics))
     width = 0.8 / len(arms)
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, arm in enumerate(arms):
         summary = results["arms"][arm]["summary"]["all"]
-        ax.bar(x + i * width - 0.4 + width / 2, [summary[m]["mean"] for m in METRICS], width,
-               yerr=[summary[m]["std"] for m in METRICS], capsize=3, label=arm)
-    ax.set_xticks(x, METRICS)
+        ax.bar(x + i * width - 0.4 + width / 2, [summary[m]["mean"] for m in metrics], width,
+               yerr=[summary[m]["std"] for m in metrics], capsize=3, label=arm)
+    ax.set_xticks(x, metrics)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score on held-out real defects")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(arms), fontsize=8, frameon=False)  # off the bars
-    ax.set_title(f"Segmenter per arm, mean and std over {results['settings']['seeds']} seeds")
+    ax.set_title(f"{INSPECTOR[_task(results)][:-1]} per arm, mean and std over {results['settings']['seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Trains and scores one segmenter per (arm, seed), in worker processes.
+"""Trains and scores one segmenter (or classifier, `task="classify"`) per (arm, seed), in worker processes.
 
     python -c "from defect_ds.downstream.runner import default_workers; print(default_workers())"
 
@@ -28,8 +28,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from defect_ds.data.sample import GOOD
 from defect_ds.downstream.arms import ArmSampler, Pairs
-from defect_ds.downstream.compare import Evidence, evidence
+from defect_ds.downstream.compare import Evidence, evidence, image_evidence
 from defect_ds.downstream.scores import score_by_type
 from defect_ds.utils.files import atomic_write_bytes
 
@@ -42,6 +43,7 @@ class SegmenterSettings:
     loss: str = "bce-dice"
     learning_rate: float = 2e-3
     ema_decay: float = 0.0
+    task: str = "segment"  # or "classify": a DefectClassifier scored on image labels
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ArmData:
     goods: np.ndarray
     generated: dict[str, Pairs]  # arm (or "arm@label") -> generated pairs, for the arms that use them
     test: Pairs
+    pool: Pairs | None = None  # the split's training-side defect images that are not shots, for all-real
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Outcome:
     seed: int
     scores: dict[str, dict[str, float]]
     evidence: Evidence
-    grid: np.ndarray | None  # predicted probabilities of the grid rows (seed 0 only)
+    grid: np.ndarray | None  # predicted probabilities of the grid rows (seed 0 of a segmenter only)
 
 
 _STATE: dict = {}
@@ -79,14 +82,17 @@ def _run(arm: str, seed: int) -> Outcome:
     sampler = _STATE["samplers"].get(arm)
     if sampler is None:
         kind = arm.split("@")[0]  # "generated@variant": the generated arm with that variant's pairs
-        sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm))
+        sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm),
+                                                       data.pool)
     net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
                           batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss,
-                          learning_rate=settings.learning_rate, ema_decay=settings.ema_decay)
+                          learning_rate=settings.learning_rate, ema_decay=settings.ema_decay, task=settings.task)
     probs = predict(net, data.test.images)
+    scores = score_by_type(probs, data.test.masks, data.test.types, task=settings.task)
+    if settings.task == "classify":
+        return Outcome(arm, seed, scores, image_evidence(probs, np.array(data.test.types) != GOOD), None)
     grid = probs[_STATE["grid_rows"]] if seed == 0 else None
-    return Outcome(arm, seed, score_by_type(probs, data.test.masks, data.test.types),
-                   evidence(probs, data.test.masks), grid)
+    return Outcome(arm, seed, scores, evidence(probs, data.test.masks), grid)
 
 
 def default_workers() -> int:
@@ -95,12 +101,18 @@ def default_workers() -> int:
 
 def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int], arm: str) -> str:
     """A name for what decides one arm's outcomes: the shots, good images, test set, the arm's own generated
-    pairs and the settings. Other arms' data stay out of it, so an evaluation with more or fewer arms (the
-    demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in common."""
-    h = hashlib.sha256(repr((dataclasses.asdict(settings), grid_rows, arm)).encode())
+    pairs (or pool, for all-real) and the settings. Other arms' data stay out of it, so an evaluation with
+    more or fewer arms (the demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in
+    common. The segment task hashes its settings as it did before `task` existed, so kept segmenters stay valid."""
+    named_settings = dataclasses.asdict(settings)
+    if named_settings["task"] == "segment":
+        del named_settings["task"]
+    h = hashlib.sha256(repr((named_settings, grid_rows, arm)).encode())
     named = [("shots", data.shots), ("test", data.test)]
     if arm in data.generated:
         named.append(("generated", data.generated[arm]))
+    if arm == "all-real" and data.pool is not None:
+        named.append(("pool", data.pool))
     for name, pairs in named:
         h.update(name.encode())
         for part in (pairs.images, pairs.masks, "\n".join(pairs.types).encode()):

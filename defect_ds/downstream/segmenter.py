@@ -1,6 +1,8 @@
-"""The inspector: a small discriminative U-Net (DRAEM's segmentation net, narrower) trained from scratch.
+"""The inspector: a small discriminative U-Net (DRAEM's segmentation net, narrower) trained from scratch,
+or, for image-level labels, its encoder with a pooled head (`DefectClassifier`).
 
     python -c "import torch; from defect_ds.downstream.segmenter import SegmentationUNet as S; print(S()(torch.zeros(1, 3, 64, 64)).shape)"
+    python -c "import torch; from defect_ds.downstream.segmenter import DefectClassifier as C; print(C(8)(torch.zeros(2, 3, 64, 64)).shape)"
 
 Every arm trains the same net for the same steps from the same initial weights per seed; only the
 defect samples it sees differ. Half of every batch is good images with empty masks, as the
@@ -28,28 +30,62 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
                          nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(GROUPS, c_out), nn.ReLU(inplace=True))
 
 
+def _encoder(width: int) -> nn.ModuleList:
+    """Four levels of two convolutions, `width` channels doubling per level."""
+    if width < GROUPS or width % GROUPS:
+        raise ValueError(f"Segmenter width {width} must be a positive multiple of {GROUPS}.")
+    w = [width, 2 * width, 4 * width, 8 * width]
+    return nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
+
+
+def _encode(down: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each level's features, the first at full size, each next one at half the size of the last."""
+    levels = []
+    for i, block in enumerate(down):
+        x = block(x if i == 0 else F.max_pool2d(x, 2))
+        levels.append(x)
+    return levels
+
+
 class SegmentationUNet(nn.Module):
     """Image (N, 3, H, W) in [-1, 1] -> defect logits (N, 1, H, W); H and W divisible by 8."""
 
     def __init__(self, width: int = 16):
         super().__init__()
-        if width < GROUPS or width % GROUPS:
-            raise ValueError(f"Segmenter width {width} must be a positive multiple of {GROUPS}.")
+        self.down = _encoder(width)
         w = [width, 2 * width, 4 * width, 8 * width]
-        self.down = nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
         self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(3)])
         self.merge = nn.ModuleList([_block(2 * w[i], w[i]) for i in range(3)])
         self.head = nn.Conv2d(w[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
+        skips = _encode(self.down, x)
         x = skips.pop()
         for i in reversed(range(3)):
             x = self.merge[i](torch.cat([self.up[i](x), skips[i]], dim=1))
         return self.head(x)
+
+
+class DefectClassifier(nn.Module):
+    """Image (N, 3, H, W) in [-1, 1] -> defect logit (N, 1): the segmenter's encoder, then the mean and the
+    max of its deepest features (a defect may be a thin crack in one corner) into one linear unit."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.down = _encoder(width)
+        self.head = nn.Linear(2 * 8 * width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _encode(self.down, x)[-1]
+        return self.head(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
+
+
+NETS = {"segment": SegmentationUNet, "classify": DefectClassifier}
+
+
+def classification_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """BCE of the image logit (N, 1) against "the (jittered) mask has a defect pixel" (masks (N, 1, H, W))."""
+    return F.binary_cross_entropy_with_logits(logits[:, 0], masks.flatten(1).amax(dim=1))
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bce-dice") -> torch.Tensor:
@@ -92,15 +128,18 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
                     seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 2e-3,
                     warmup_steps: int = 30, clip_norm: float = 1.0, ema_decay: float = 0.0,
-                    on_step: Callable[[int], None] | None = None) -> SegmentationUNet:
+                    on_step: Callable[[int], None] | None = None, task: str = "segment") -> nn.Module:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images.
     The initial weights and the augmentation are functions of `seed` alone, so arms share them.
+    task "classify" trains a `DefectClassifier` on whether each sample has a defect pixel (`loss` unused).
     ema_decay > 0 returns the exponential moving average of the weights (torch's AveragedModel) instead
     of the last step's: one late batch moves the average less than it moves the last weights."""
     if steps < 1 or batch_size < 2:
         raise ValueError(f"The segmenter needs steps >= 1 and batch_size >= 2 (got {steps} and {batch_size}).")
+    if task not in NETS:
+        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(NETS)}.")
     torch.manual_seed(seed)
-    net = SegmentationUNet(width).to(memory_format=torch.channels_last)  # faster convolutions on the CPU
+    net = NETS[task](width).to(memory_format=torch.channels_last)  # faster convolutions on the CPU
     average = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema_decay), use_buffers=True) if ema_decay > 0 else None)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -117,7 +156,7 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, steps, learning_rate, min(warmup_steps, steps))
-        value = segmentation_loss(net(x), y, loss)
+        value = segmentation_loss(net(x), y, loss) if task == "segment" else classification_loss(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
@@ -135,7 +174,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(net: SegmentationUNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Defect probability per pixel, float32 (N, H, W)."""
+def predict(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Defect probability per pixel, float32 (N, H, W), or per image (N,) from a `DefectClassifier`."""
     out = [torch.sigmoid(net(to_tensor(images[i:i + batch_size])))[:, 0] for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()

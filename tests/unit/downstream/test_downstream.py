@@ -35,15 +35,15 @@ def test_choose_takes_a_third_in_turn_from_each_category_and_no_key_twice():
     keys = [f"{c}{i}" for c in "abc" for i in range(4)]
     by_type = {"scratch": keys[::-1], "good": [f"g{i}" for i in range(10)]}
     groups = {k: k[0] for k in keys}
-    train, test = choose(by_type, shots=None, test_good_fraction=0.5, groups=groups)
-    assert len(train["scratch"]) == 4 and len(test["scratch"]) == 8
+    train, test, pool = choose(by_type, shots=None, test_good_fraction=0.5, groups=groups)
+    assert pool == {} and len(train["scratch"]) == 4 and len(test["scratch"]) == 8
     assert sorted(k[0] for k in train["scratch"]) == ["a", "a", "b", "c"]  # every category, in turn
     assert sorted(train["scratch"] + test["scratch"]) == sorted(keys)
     assert len(test["good"]) == 5 and not set(train["good"]) & set(test["good"])
-    again, _ = choose({"scratch": sorted(keys), "good": by_type["good"]}, shots=None, test_good_fraction=0.5,
+    again, _, _ = choose({"scratch": sorted(keys), "good": by_type["good"]}, shots=None, test_good_fraction=0.5,
                       groups=groups)
     assert again == train  # a function of the keys, not of their order
-    train, test = choose(by_type, shots=3, test_good_fraction=0.5, groups=groups)
+    train, test, _ = choose(by_type, shots=3, test_good_fraction=0.5, groups=groups)
     assert sorted(k[0] for k in train["scratch"]) == ["a", "b", "c"]
 
 
