@@ -6,6 +6,7 @@
 #               DEMO_SEEDS segmenter seeds each
 #   make benchmark-downstream   all five arms with 8 seeds each, on the demo's pairs (after make demo; the
 #               demo's segmenters are reused)
+#   make bench-elpv   real solar-cell defects end to end (ELPV: base, fine-tune, generation, classifiers)
 #   make test   the test suite (fast unit tests and CPU integration runs)
 #   make base   re-trains models/tiny-defect-base from scratch (42 minutes on 2 quiet CPU cores with the
 #               v1 set; the v2 base took longer beside other work, docs/base_model.md)
@@ -32,7 +33,7 @@ DEMO_ARMS  ?= real,copy-paste,copy-paste+generated
 DEMO_SEEDS ?= 2
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install upgrade demo test test-fast bench-cpu clean-demo base benchmark-downstream
+.PHONY: install upgrade demo test test-fast bench-cpu clean-demo base benchmark-downstream bench-elpv
 
 install: $(STAMP)
 
@@ -79,6 +80,12 @@ demo: $(STAMP) $(WORK)/downstream/split.json $(WORK)/downstream/shots-latents/ma
 benchmark-downstream: $(STAMP)
 	$(BIN)/defect-ds downstream eval $(WORK)/downstream $(RUN)/downstream-8-seeds --arms $(ALL_ARMS) \
 	  --generated $(WORK)/generated --seeds 8 --segmenters $(RUN)/downstream/segmenters
+
+# real solar-cell defects (ELPV, installed by pip, CC BY-NC-SA 4.0: a benchmark only): base on the training
+# good cells, fine-tune on 24 defect shots, generate, classify; every stage resumable (docs/elpv.md)
+bench-elpv: $(STAMP)
+	$(BIN)/python -c "import elpv_dataset" 2>/dev/null || $(BIN)/pip install -q 'elpv-dataset>=1.0'
+	$(BIN)/python benchmarks/elpv.py --work $(WORK)/elpv
 
 $(WORK)/data/base/manifest.json: | $(STAMP)
 	$(BIN)/defect-ds prepare synthetic $(WORK)/data/base --resolution-px 64 --good-per-category 400 --per-defect 0 --seed 1

@@ -7,7 +7,8 @@ and scores them on VALIDATION: the test side of a split of an independent draw o
 the synthetic set, `defect-ds prepare synthetic --seed 2`), standing in for the user's own validation
 images. Reported per config: each arm's per-seed pixel AP, its spread and worst seed (a collapse shows
 there), the paired difference copy-paste minus real with its 95% interval, and seconds per segmenter.
-A bigger net is worth its time only while it changes that difference. Writes segmenter-DATE.{json,md}.
+A bigger net is worth its time only while it changes that difference. Writes segmenter-DATE.{json,md};
+finished segmenters are kept in --cache, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
+    p.add_argument("--cache", default="work/segmenter-cache",
+                   help="finished segmenters, by a fingerprint of their data and settings: a rerun skips them")
     args = p.parse_args()
     size = 64
     split, val = Path(args.split), Path(args.validation)
@@ -69,7 +72,7 @@ def main() -> int:
 
         started = time.time()
         run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
-                 settings, workers=args.workers, grid_rows=[], on_done=done)
+                 settings, workers=args.workers, grid_rows=[], on_done=done, cache_dir=Path(args.cache))
         seconds = time.time() - started
         diff = ([c for c in compare(evidence_by, data.test.types, baselines=("real",), metrics=("pixel_ap",))
                  if c["type"] == "all"][0] if len(arms) == 2 else None)

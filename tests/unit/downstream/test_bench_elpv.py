@@ -1,0 +1,99 @@
+"""benchmarks/elpv.py's own pieces on a fake ELPV folder: the fine-tune set holds the defect shots alone, the
+strength rule picks the lowest strength near the best, and recognisability scores generated cells and the
+untouched sources with classifiers trained on the shots."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defect_ds.cli import main
+from defect_ds.data.reader import iter_dataset
+from defect_ds.data.sample import GOOD
+from defect_ds.data.shards import ShardWriter, build_manifest, read_manifest, write_manifest
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "elpv.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_elpv", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shots(make_elpv, tmp_path_factory):
+    data = tmp_path_factory.mktemp("elpv") / "data"
+    assert main(["prepare", "elpv", str(make_elpv(tmp_path_factory.mktemp("raw"))), str(data), "--resolution-px", "32",
+                 "--no-progress"]) == 0
+    split = tmp_path_factory.mktemp("split")
+    assert main(["downstream", "split", str(data), str(split), "--shots", "2"]) == 0
+    return split / "shots"
+
+
+def test_defect_only_keeps_the_shots_and_drops_the_good_cells(bench, shots, tmp_path):
+    bench.defect_only(shots, tmp_path / "fine")
+    kept = list(iter_dataset(tmp_path / "fine"))
+    source = [item for item in iter_dataset(shots) if item["meta"]["defect_type"] != GOOD]
+    assert sorted(i["key"] for i in kept) == sorted(i["key"] for i in source) and len(kept) == 2
+    assert {i["image"] for i in kept} == {i["image"] for i in source}  # the same bytes
+    assert read_manifest(tmp_path / "fine")["defect_tokens"] == {"defect": "sks_defect"}
+
+
+def test_the_lowest_strength_near_the_best_is_chosen(bench):
+    scores = {"0.5": {"called_defective": 0.2}, "0.7": {"called_defective": 0.86}, "0.85": {"called_defective": 0.9},
+              "1.0": {"called_defective": 0.88}, "sources": {"called_defective": 0.0}}
+    assert bench.choose_strength(scores, tolerance=0.05) == 0.7
+    assert bench.choose_strength(scores, tolerance=0.0) == 0.85
+
+
+def fake_generated(root: Path, shots: Path, darken: bool) -> Path:
+    """A `generate` output stand-in: each training good cell again (darkened by a crack-like bar when `darken`),
+    its source recorded as generate records it."""
+    out = root / "shards"
+    out.mkdir(parents=True)
+    writer = ShardWriter(out)
+    from io import BytesIO
+
+    from PIL import Image
+    for item in iter_dataset(shots):
+        if item["meta"]["defect_type"] != GOOD:
+            continue
+        image = np.array(Image.open(BytesIO(item["image"])).convert("RGB"))
+        if darken:
+            image[14:17, 4:-4] = 20
+        buffer = BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        meta = {"defect_type": "defect", "generation": {"source_image": f"{shots}:{item['key']}"}}
+        full = BytesIO()
+        Image.fromarray(np.full(image.shape[:2], 255, np.uint8)).save(full, format="PNG")
+        writer.write("train", {"__key__": "gen-" + item["key"], "image.png": buffer.getvalue(),
+                               "mask.png": full.getvalue(), "caption.txt": b"x", "json": json.dumps(meta).encode()},
+                     "defect")
+    write_manifest(out, build_manifest(writer.close(), created_by="test", defect_tokens={"defect": "sks_defect"}))
+    return out
+
+
+def test_recognisability_scores_each_strength_and_the_sources(bench, shots, tmp_path):
+    generated = {0.5: fake_generated(tmp_path / "a", shots, darken=False),
+                 1.0: fake_generated(tmp_path / "b", shots, darken=True)}
+    scores = bench.recognisability(shots, generated, 32, seeds=1, steps=30)
+    assert set(scores) == {"0.5", "1.0", "sources"}
+    assert scores["0.5"]["cells"] == scores["sources"]["cells"] > 0
+    for r in scores.values():
+        assert 0 <= r["mean_probability"] <= 1 and 0 <= r["called_defective"] <= 1
+    # the untouched cells are the sources themselves: the same classifier gives them the same probabilities
+    assert scores["0.5"]["mean_probability"] == pytest.approx(scores["sources"]["mean_probability"], abs=1e-4)
+
+
+def test_seconds_per_step_read_from_a_base_log(bench, tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    records = [{"stage": "vae", "step": 25, "time_s": 50.0}, {"stage": "vae", "step": 50, "time_s": 100.0},
+               {"stage": "unet", "step": 25, "time_s": 175.0}]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert bench.steps_per_second(log) == {"vae": 2.0, "unet": 3.0}
