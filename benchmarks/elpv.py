@@ -82,6 +82,15 @@ class Stages:
         self.sh(str(self.bin / "defect-ds"), *args)
 
 
+def free_port() -> int:
+    """A port no one listens on now, so the fine-tune does not collide with another run on the default."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def defect_only(shots: Path, out: Path) -> None:
     """The defect samples of a shards folder, as a shards folder of their own (same bytes, same keys)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +249,8 @@ def main() -> int:
         if not (latents / "manifest.json").is_file():
             stages.tool("prepare", "latents", str(fine_shots), str(latents), "--pretrained", str(base),
                         "--resolution-px", px, "--overwrite", "--no-progress")
-        stages.sh(str(stages.bin / "deepspeed"), "--log_level", "error", "--num_gpus", "2", "train.py", "--config",
+        stages.sh(str(stages.bin / "deepspeed"), "--log_level", "error", "--num_gpus", "2", "--master_port",
+                  str(free_port()), "train.py", "--config",
                   "configs/elpv.toml", f"--model.pretrained_dir={base}", f"--data.train_shards={latents}",
                   f"--data.resolution_px={px}", f"--logging.run_dir={run}", "--checkpoint.resume=latest")
     export = run / "export" / "export.json"
