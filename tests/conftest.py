@@ -68,6 +68,42 @@ def make_elpv():
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def master_ports():
+    """Notes each port a test draws from `defect_ds.utils.net.free_port` (the master ports of the launches the
+    tests start) and, when the session ends, removes the shared-memory buffers DeepSpeed made in /dev/shm
+    for those ports (69 MB a rank) that a run killed before train.py removed them left behind. Buffers of
+    other ports, and of a port some launch listens on again by then, are not the tests' and stay."""
+    from defect_ds.train.distributed import shm_buffers
+    from defect_ds.utils import net
+
+    drawn, draw = [], net.free_port
+
+    def free_port() -> int:
+        drawn.append(draw())
+        return drawn[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(net, "free_port", free_port)
+        yield drawn
+    for port in drawn:
+        if _listened_on(port):
+            continue
+        for buffer in shm_buffers(port):
+            buffer.unlink(missing_ok=True)
+
+
+def _listened_on(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -17,6 +17,7 @@ from defect_ds.utils.net import free_port
 
 # Keys the typed config owns; a DeepSpeed file may repeat them only with the same values.
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+SHM_DIR = Path("/dev/shm")  # where shm_open puts its files on Linux
 
 
 class MasterPortInUse(RuntimeError):
@@ -66,7 +67,31 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         raise MasterPortInUse(f"The master port {port} on {os.environ['MASTER_ADDR']} is in use by another launch "
                               f"or program; give this launch another one: deepspeed --master_port {free_port()} "
                               "... (MASTER_PORT for launch/*.sh, --master_port for torchrun).") from None
+    remove_shm_buffer()
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def shm_buffer_path(rank: int, port: str | int, addr: str = "127.0.0.1") -> Path:
+    """The shared-memory file DeepSpeed's CPU communication backend makes for `rank` of the launch on
+    addr:port when every rank is on one node (deepspeed/ops/csrc/cpu/comm/shm.cpp); 69 MB, never removed."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def shm_buffers(port: str | int) -> list[Path]:
+    """This user's DeepSpeed shared-memory buffers of launches on `port`, any address, any rank."""
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_[0-9]*"))
+
+
+def remove_shm_buffer() -> None:
+    """Removes the name of this rank's DeepSpeed shared-memory buffer once every rank has mapped every
+    buffer: the mappings live on and the memory goes back when the last rank ends, however it ends.
+    DeepSpeed never unlinks them, so each launch under `deepspeed` on one node left one file per rank."""
+    torch.distributed.barrier()  # each rank has opened the others' buffers inside init_distributed
+    try:
+        shm_buffer_path(torch.distributed.get_rank(), os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]).unlink(
+            missing_ok=True)
+    except (OSError, KeyError):  # no /dev/shm, no such variables: nothing of ours to remove
+        pass
 
 
 def from_rank0(value):

@@ -56,13 +56,15 @@ class StopRequest:
         if os.getpid() == self.pid:  # a forked data loader worker inherits the handler: its rank decides
             self.request(signum, signal.Signals(signum).name)
 
-    def request(self, signum: int, cause: str) -> None:
+    def request(self, signum: int, cause: str, repeat_exits: bool = True) -> None:
+        """Records a stop; a repeat later than REPEAT_WINDOW_S exits at once unless repeat_exits is False
+        (an event that follows from the first signal, such as the runner ending on it, is no second one)."""
         now = time.monotonic()
         if not self.signum:
             self.signum, self.cause, self.first_at = signum, cause, now
             if not self.armed:
                 self._exit_now(f"stopped on {cause} before training started; nothing was saved.")
-        elif not self.saved and now - self.first_at > REPEAT_WINDOW_S:
+        elif repeat_exits and not self.saved and now - self.first_at > REPEAT_WINDOW_S:
             self._exit_now(f"stopped at once on a second {signal.Signals(signum).name}; the last committed "
                            "checkpoint is intact; resume with --resume latest.")
 
@@ -120,8 +122,9 @@ class StopRequest:
                     gone = launcher.ppid() != runner  # the orphaned launcher was given another parent
                 except psutil.Error:
                     gone = True
-                if gone:
-                    self.request(signal.SIGTERM, f"the exit of the deepspeed runner (pid {runner})")
+                if gone:  # a Ctrl-C ends the runner too: seen late on a busy machine, it is no second signal
+                    self.request(signal.SIGTERM, f"the exit of the deepspeed runner (pid {runner})",
+                                 repeat_exits=False)
                     return
 
         threading.Thread(target=watch, name="watch-deepspeed-runner", daemon=True).start()

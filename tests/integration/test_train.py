@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from defect_ds.train.distributed import shm_buffers
+from defect_ds.utils import net
 from defect_ds.utils.device import cpu_has_native_bf16
-from defect_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,11 +46,47 @@ def common_args(model: Path, data: Path, run_dir: Path, **overrides) -> list[str
 
 
 def deepspeed_train(args: list[str], nprocs: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(ROOT / "train.py"), *args]
+    port = net.free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(port), str(ROOT / "train.py"),
+           *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not shm_buffers(port)  # DeepSpeed's shared-memory buffers of this launch went with it
     return result
+
+
+SHM_CHECK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import deepspeed
+from deepspeed.ops import __compatible_ops__
+from defect_ds.train.distributed import init_distributed, shm_buffer_path
+
+made = []
+_init = deepspeed.init_distributed
+def init(*args, **kwargs):
+    _init(*args, **kwargs)
+    made.append(shm_buffer_path(0, os.environ["MASTER_PORT"]).exists())
+deepspeed.init_distributed = init
+init_distributed()
+left = shm_buffer_path(0, os.environ["MASTER_PORT"]).exists()
+print("RESULT", __compatible_ops__.get("deepspeed_shm_comm"), made, left)
+"""
+
+
+def test_deepspeed_makes_the_shm_buffer_train_py_removes(tmp_path):
+    """DeepSpeed's CPU backend makes /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB) when
+    every rank is on one node, as the launcher's LOCAL_SIZE says, and never removes it; init_distributed does."""
+    script = tmp_path / "shm_check.py"
+    script.write_text(SHM_CHECK.format(root=str(ROOT)))
+    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(net.free_port())}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if line.startswith("RESULT False"):
+        pytest.skip("DeepSpeed's shared-memory op does not build on this CPU")
+    assert line == "RESULT True [True] False"
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -163,7 +200,7 @@ def test_zero3_trains_only_new_rows_and_exports_load_into_stock_pipeline(tiny_mo
                        checkpoint__save_final="false",
                        train__ds_config="ds_configs/zero3.json", optimizer__learning_rate=5e-2,
                        textual_inversion__learning_rate=5e-1, optimizer__warmup_steps=0)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(net.free_port()), str(script), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check = json.loads((run / "zero3_check.json").read_text())
@@ -227,7 +264,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, data_dir,
 def test_two_nodes_on_one_machine(tiny_model_dir, data_dir, tmp_path):
     run = tmp_path / "two-nodes"
     args = common_args(tiny_model_dir, data_dir, run, train__max_steps=2, checkpoint__every_steps=0)
-    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port())}
+    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(net.free_port())}
     result = subprocess.run([str(ROOT / "launch" / "two_nodes_local.sh"), "configs/default.toml", *args],
                             env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -247,7 +284,7 @@ def test_torchrun_launch_bf16_with_samples_and_tensorboard(tiny_model_dir, data_
                        train__precision="bf16", train__ds_config="ds_configs/zero3.json",
                        logging__sample_every_steps=1, logging__sample_steps=2, logging__tensorboard="true",
                        logging__progress_bar="true")
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(net.free_port()),
            str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -275,10 +312,10 @@ def test_one_rank_failing_on_bad_data_ends_the_whole_run(tiny_model_dir, make_sy
     run = tmp_path / "fail"
     args = common_args(tiny_model_dir, data, run, train__max_steps=6, checkpoint__every_steps=0,
                        data__bad_sample_policy="fail", data__split_by="shard", train__collective_timeout_s=60)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
-           *args]
+    port = net.free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode != 0
+    assert result.returncode != 0 and not shm_buffers(port)
     error = next(line for line in result.stderr.splitlines() if line.startswith("train.py: error: "))
     assert "Cannot read" in error and str(shards[0]) in error  # one sentence naming the shard
     # the partner rank says in one line that another rank failed, with no traceback of the broken connection
@@ -310,7 +347,7 @@ def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_
     script = tmp_path / "enospc.py"
     script.write_text(ENOSPC_WRAPPER.format(root=str(ROOT)))
     args = common_args(tiny_model_dir, data_dir, run, train__max_steps=3, checkpoint__every_steps=1)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(net.free_port()), str(script), *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -332,12 +369,15 @@ def test_disk_full_during_a_checkpoint_is_one_sentence_and_resumes_exactly(tiny_
     assert (ckpts / "step-0000003" / "COMMITTED").is_file()
 
 
-def signalled_run(args: list[str], send) -> tuple[subprocess.CompletedProcess, int]:
-    """Starts a 2-process deepspeed run in its own process group, calls send(runner) once step 1 is logged,
-    and waits for every process that holds the output. Returns the result and the live processes left."""
+def signalled_run(args: list[str], send, script: Path = ROOT / "train.py",
+                  every_steps: int = 0) -> tuple[subprocess.CompletedProcess, int]:
+    """Starts a 2-process deepspeed run of `script` in its own process group, calls send(runner) once step 1
+    is logged, and waits for every process that holds the output. Returns the result and the live processes
+    left; no shared-memory buffer of the run's master port is left either."""
     run_dir = Path(next(a for a in args if a.startswith("--logging.run_dir=")).split("=", 1)[1])
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
-           *args, "--train.max_steps=500", "--checkpoint.every_steps=0"]
+    port = net.free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(script),
+           *args, "--train.max_steps=500", f"--checkpoint.every_steps={every_steps}"]
     runner = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT, start_new_session=True)
     try:
@@ -352,6 +392,7 @@ def signalled_run(args: list[str], send) -> tuple[subprocess.CompletedProcess, i
             os.killpg(runner.pid, signal.SIGKILL)
     left = [p for p in psutil.process_iter(["status"]) if _group(p) == runner.pid
             and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not shm_buffers(port)  # the ranks removed DeepSpeed's buffers (a run's 2 x 69 MB of RAM)
     return subprocess.CompletedProcess(cmd, runner.returncode, out, err), len(left)
 
 
@@ -412,6 +453,51 @@ def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves
     assert steps == list(range(1, stop + 3))
 
 
+# One process resumes a checkpoint that 2 processes saved: the weights it loaded, exported as a step's export is,
+# then two more steps.
+RESUME_CHECK = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from defect_ds.config import load_config
+from defect_ds.train.distributed import init_distributed
+from defect_ds.train.trainer import Trainer
+from train import parse_args
+
+cfg = load_config(*parse_args(sys.argv[1:]))
+trainer = Trainer(cfg, init_distributed())
+trainer.setup()
+trainer.exporter.write(trainer.model, Path(cfg.logging.run_dir) / "resumed", trainer.state.step)
+trainer.train()
+"""
+
+
+def test_a_zero3_checkpoint_of_two_processes_resumes_on_one_with_the_weights_it_saved(tiny_model_dir, data_dir,
+                                                                                       tmp_path):
+    """ZeRO-3 partitions the weights as well as the optimizer state; DeepSpeed's universal checkpoint puts
+    them together again for one process, bit for bit, and training goes on."""
+    run = tmp_path / "z3"
+    args = common_args(tiny_model_dir, data_dir, run, train__ds_config="ds_configs/zero3.json", train__max_steps=3,
+                       checkpoint__every_steps=0)
+    deepspeed_train([*args, "--train.stop_at_step=1"])
+    assert len(list((run / "checkpoints" / "step-0000001").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    script = tmp_path / "resume_check.py"
+    script.write_text(RESUME_CHECK.format(root=str(ROOT)))
+    one = subprocess.run([sys.executable, str(script), *args, "--resume", "latest"], env=_env(),
+                         capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "at step 1, saved by 2 process(es), now 1" in one.stdout + one.stderr
+    saved = sorted((run / "exports" / "step-0000001").rglob("*.safetensors"))
+    resumed = sorted((run / "resumed").rglob("*.safetensors"))
+    assert [p.relative_to(run / "resumed") for p in resumed] == [p.relative_to(run / "exports" / "step-0000001")
+                                                                  for p in saved] and saved
+    for a, b in zip(saved, resumed):
+        a, b = load_file(a), load_file(b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), b
+    assert committed_steps(run) == [1, 3] and sorted(losses(run)) == [1, 2, 3]
+    assert not (run / "checkpoints" / "universal").exists()
+
+
 @pytest.mark.parametrize("target", ["runner", "rank 1"])
 def test_sigterm_to_the_runner_or_to_one_rank_stops_both_ranks_at_one_step(tiny_model_dir, data_dir, tmp_path,
                                                                            target):
@@ -436,6 +522,86 @@ def test_sigterm_to_the_runner_or_to_one_rank_stops_both_ranks_at_one_step(tiny_
     assert "another rank failed" not in result.stderr and "Traceback" not in result.stderr
 
 
+# The save of step 2 starts, waits until this rank got the first signal, writes part of a file and then never
+# ends: only a second signal can end the rank. Marks in MARKS say how far each rank got.
+SLOW_SAVE_WRAPPER = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+from defect_ds.train import stop
+
+requests = []
+_request = stop.StopRequest.request
+def request(self, *args, **kwargs):
+    requests.append(args)
+    return _request(self, *args, **kwargs)
+stop.StopRequest.request = request
+
+_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "step-0000002" in str(f):
+        marks = Path({marks!r})
+        (marks / ("saving-rank" + os.environ["RANK"])).touch()
+        while not requests:
+            time.sleep(0.05)
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        (marks / ("signalled-rank" + os.environ["RANK"])).touch()
+        while True:
+            time.sleep(0.05)
+    return _save(obj, f, *args, **kwargs)
+torch.save = save
+import train
+sys.exit(train.main())
+"""
+
+
+def wait_for(paths: list[Path], deadline_s: float = 300) -> None:
+    """Polls until every path exists; the deadline only keeps a broken run from hanging the suite."""
+    end = time.monotonic() + deadline_s
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < end, f"never appeared: {[p.name for p in paths if not p.exists()]}"
+        time.sleep(0.2)
+
+
+def test_a_second_ctrl_c_during_the_stop_save_exits_at_once_and_the_last_committed_checkpoint_resumes(
+        tiny_model_dir, data_dir, tmp_path):
+    """Ctrl-C while step 2 is being saved, and Ctrl-C again once the first was taken (later than the launcher's
+    forwarded copy): the ranks exit at once without finishing that save, which therefore cannot have ended on
+    its own, and non-zero; step 1, the newest committed checkpoint, is what --resume latest picks and a resume
+    from it runs."""
+    from defect_ds.train.checkpoint import find_resume_tag
+    from defect_ds.train.stop import REPEAT_WINDOW_S
+
+    run, marks = tmp_path / "twice", tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE_WRAPPER.format(root=str(ROOT), marks=str(marks)))
+
+    def send(runner):
+        wait_for([marks / "saving-rank0", marks / "saving-rank1"])
+        os.killpg(runner.pid, signal.SIGINT)
+        wait_for([marks / "signalled-rank0", marks / "signalled-rank1"])  # the first is taken; the save goes on
+        time.sleep(REPEAT_WINDOW_S + 0.5)  # a person's second Ctrl-C, not the launcher's copy of the first
+        os.killpg(runner.pid, signal.SIGINT)
+
+    args = common_args(tiny_model_dir, data_dir, run)
+    result, left = signalled_run(args, send, script=script, every_steps=1)
+    assert result.returncode != 0 and left == 0, result.stderr[-3000:]
+    assert result.stderr.count("train.py: stopped at once on a second SIGINT; the last committed checkpoint is "
+                               "intact; resume with --resume latest.") == 1, result.stderr[-3000:]
+    assert not [m for m in map(STOPPED.search, result.stderr.splitlines()) if m]  # no stop-save was committed
+    assert "another rank failed" not in result.stderr
+    assert committed_steps(run) == [1] and (run / "checkpoints" / "step-0000002").is_dir()  # step 2: cut short
+    assert find_resume_tag(run / "checkpoints", "latest") == "step-0000001"
+
+    resumed = deepspeed_train([*args, "--train.max_steps=2", "--checkpoint.every_steps=1", "--resume", "latest"])
+    assert f"resumed from {run / 'checkpoints' / 'step-0000001'} at step 1" in resumed.stdout + resumed.stderr
+    assert committed_steps(run) == [1, 2]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_second_launch_into_a_locked_run_dir_or_onto_a_busy_port_stops_in_one_sentence(tiny_model_dir, data_dir,
                                                                                           tmp_path):
     """The run directory is held (as by a first launch still running): the second launch, two ranks under
@@ -449,7 +615,7 @@ def test_a_second_launch_into_a_locked_run_dir_or_onto_a_busy_port_stops_in_one_
     held = RunDirLock.take(run)
     (run / "config.json").write_text("{}\n")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(net.free_port()), str(ROOT / "train.py"),
            *common_args(tiny_model_dir, data_dir, run, train__max_steps=2)]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     held.release()

@@ -51,3 +51,25 @@ def test_train_resume_flag_is_the_checkpoint_resume_setting():
 
     config, overrides = parse_args(["--config", "c.toml", "--checkpoint.resume=", "--resume", "latest"])
     assert config == "c.toml" and overrides[-1] == "--checkpoint.resume=latest"
+
+
+def test_a_rank_removes_its_own_shm_buffer_of_its_own_launch_and_no_other(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend leaves /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB)."""
+    import torch
+
+    from defect_ds.train import distributed
+
+    monkeypatch.setattr(distributed, "SHM_DIR", tmp_path)
+    mine = distributed.shm_buffer_path(1, 29511)
+    others = [distributed.shm_buffer_path(0, 29511), distributed.shm_buffer_path(1, 29512),
+              distributed.shm_buffer_path(1, 29511, "10.0.0.2")]
+    for path in (mine, *others):
+        path.touch()
+    assert distributed.shm_buffers(29511) == sorted([mine, others[0], others[2]])
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)  # the other ranks have mapped it
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    distributed.remove_shm_buffer()
+    assert not mine.exists() and all(path.exists() for path in others)
+    distributed.remove_shm_buffer()  # a launch whose DeepSpeed made none: nothing to remove, no error

@@ -55,3 +55,17 @@ def test_metrics_after_the_resume_step_go(tmp_path):
     keep_until(metrics, 2)
     assert metrics.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
     keep_until(tmp_path / "none.jsonl", 2)  # a fresh run has none
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_names_the_process_count_to_resume_on(tmp_path):
+    from defect_ds.train.resume import to_universal
+
+    tag = tmp_path / "step-0000004"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError) as refusal:
+        to_universal(tmp_path, tag.name, saved_world_size=2, world_size=1)
+    message = str(refusal.value)
+    assert message.startswith(f"Checkpoint {tag} was saved by 2 processes and DeepSpeed could not convert it for 1 (")
+    assert message.endswith("); resume it on 2 processes (deepspeed --num_gpus 2 ... --resume step-0000004).")
+    assert "\n" not in message and not (tmp_path / "universal" / tag.name / "zero").exists()

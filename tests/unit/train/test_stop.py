@@ -48,6 +48,18 @@ def test_in_the_loop_a_signal_is_a_request_and_a_later_second_one_exits(request_
     assert "stopped at once on a second SIGINT; the last committed checkpoint is intact" in capsys.readouterr().err
 
 
+def test_the_runner_ending_on_the_first_signal_is_no_second_one(request_, monkeypatch):
+    """A Ctrl-C ends DeepSpeed's runner as well; its watcher may see that later than REPEAT_WINDOW_S on a busy
+    machine, and must not turn the stop into an exit without the save."""
+    request_.armed = True
+    os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(stop_module, "REPEAT_WINDOW_S", -1.0)
+    request_.request(signal.SIGTERM, "the exit of the deepspeed runner (pid 1)", repeat_exits=False)
+    assert (request_.signum, request_.cause) == (signal.SIGINT, "SIGINT")
+    with pytest.raises(Exited):  # a second Ctrl-C still exits at once
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_once_the_stop_is_saved_further_signals_change_nothing(request_, monkeypatch):
     request_.armed = True
     os.kill(os.getpid(), signal.SIGTERM)
