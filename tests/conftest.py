@@ -97,6 +97,7 @@ def _listened_on(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a finished launch's TIME_WAIT is no listener
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -89,6 +89,11 @@ def test_deepspeed_makes_the_shm_buffer_train_py_removes(tmp_path):
     assert line == "RESULT True [True] False"
 
 
+def logged(result: subprocess.CompletedProcess) -> str:
+    """A run's output with the log's line wrapping undone (it wraps at the terminal's width)."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
@@ -486,7 +491,7 @@ def test_a_zero3_checkpoint_of_two_processes_resumes_on_one_with_the_weights_it_
     one = subprocess.run([sys.executable, str(script), *args, "--resume", "latest"], env=_env(),
                          capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "at step 1, saved by 2 process(es), now 1" in one.stdout + one.stderr
+    assert "at step 1, saved by 2 process(es), now 1" in logged(one)
     saved = sorted((run / "exports" / "step-0000001").rglob("*.safetensors"))
     resumed = sorted((run / "resumed").rglob("*.safetensors"))
     assert [p.relative_to(run / "resumed") for p in resumed] == [p.relative_to(run / "exports" / "step-0000001")
