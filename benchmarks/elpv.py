@@ -20,6 +20,10 @@ Stages, each skipped when its output is there, so an interrupted run resumes whe
   eval      `defect-ds downstream eval --task classify`, every arm, --seeds seeds, paired intervals
   timing    the base's time per step at each of --time-resolutions (a 25-step run of each stage), for
             the full recipe's time projected from it: what a larger base would cost on this machine
+  codec     at the base's and each of --time-resolutions: classifiers trained on half of the training
+            side's cells (pool defects and good cells, never a test cell) score the other half as they are
+            and after the base's codec (encode, decode); the paired difference says whether the defects
+            survive it. At the other resolutions the codec is the same weights applied at that size
 
 Writes benchmarks/results/elpv-DATE.{md,json} (the json is downstream.json plus the stages' record) and
 WORK/elpv-DATE.png (real shots, generated cells, their sources): ELPV's licence keeps that picture, and
@@ -146,6 +150,72 @@ def recognisability(shots_dir: Path, generated: dict[float, Path], size: int, se
             for name, p in probs.items()}
 
 
+def halves(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two fixed halves of a set of cells: every other cell in key order (keys name module and
+    position, so each half draws from every module)."""
+    order = np.argsort(keys, kind="stable")
+    return np.sort(order[0::2]), np.sort(order[1::2])
+
+
+def codec_survival(defects, goods, codec, size: int, seeds: int, steps: int, resamples: int = 2000) -> dict:
+    """Do defect cells keep, through `codec` (uint8 NHWC images to images), what tells them from good ones?
+    Classifiers (one per seed) train on half of `defects` and `goods` (Pairs at size x size) and score the other
+    half as they are and after the codec: image AUROC and AP of each, their paired difference (round trip
+    minus original) with a 95% bootstrap interval over cells and seeds, and the codec's PSNR on both kinds."""
+    import torch
+
+    from defect_ds.downstream.compare import compare, image_evidence
+
+    torch.set_num_threads(1)
+    (d_train, d_eval), (g_train, g_eval) = halves(defects.keys), halves(goods.keys)
+    train_d = type(defects)(defects.images[d_train], defects.masks[d_train], [defects.types[i] for i in d_train],
+                            [defects.keys[i] for i in d_train])
+    sampler = ArmSampler("real", train_d, goods.images[g_train], None)
+    originals = np.concatenate([defects.images[d_eval], goods.images[g_eval]])
+    is_defect = np.arange(len(originals)) < len(d_eval)
+    types = ["defect" if d else GOOD for d in is_defect]
+    rebuilt = codec(originals)
+    mse = ((rebuilt.astype(np.float64) - originals) ** 2).reshape(len(originals), -1).mean(axis=1)
+    psnr = 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+    runs: dict[str, list] = {"original": [], "round trip": []}
+    for seed in range(seeds):
+        net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=steps, batch_size=16, seed=seed,
+                              width=8, task="classify")
+        for name, cells in (("original", originals), ("round trip", rebuilt)):
+            runs[name].append(image_evidence(predict(net, cells), is_defect))
+    comparisons = compare(runs, types, baselines=("original",), metrics=("image_auroc", "image_ap"),
+                          resamples=resamples)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    means = {name: {"image_auroc": round(float(np.mean([roc_auc_score(is_defect, e.image_score) for e in evs])), 4),
+                    "image_ap": round(float(np.mean([average_precision_score(is_defect, e.image_score)
+                                                      for e in evs])), 4)} for name, evs in runs.items()}
+    return {"size_px": size, "seeds": seeds, "cells": {"train": {"defect": len(d_train), "good": len(g_train)},
+                                                       "eval": {"defect": len(d_eval), "good": len(g_eval)}},
+            "scores": means, "psnr_db": {"defect": round(float(psnr[is_defect].mean()), 2),
+                                         "good": round(float(psnr[~is_defect].mean()), 2)},
+            "comparisons": [c for c in comparisons if c["type"] == "all"]}
+
+
+def vae_codec(vae_dir: Path, batch_size: int = 32):
+    """The base's codec as images to images: encode to the posterior's mean, decode, back to uint8."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+
+    @torch.no_grad()
+    def codec(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+            out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
+
+    return codec
+
+
 def choose_strength(scores: dict, tolerance: float) -> float:
     """The lowest strength whose share called defective is within `tolerance` of the best strength's."""
     strengths = sorted(float(s) for s in scores if s != "sources")
@@ -211,8 +281,31 @@ def markdown(record: dict, downstream_md: str) -> str:
         vae_minutes = b["recipe_steps"]["vae"] * t["vae"] / 60
         lines.append(f"| {px} | {t['vae']:.2f} | {t['unet']:.2f} | {vae_minutes:.0f} | {t['projected_minutes']:.0f} |")
     lines.append("")
+    if b.get("codec"):
+        lines += codec_markdown(b["codec"], b["resolution_px"])
     body = downstream_md.split("\n", 1)[1] if downstream_md.startswith("#") else downstream_md
     return "\n".join(lines) + "\n## Classifiers per arm (downstream eval --task classify)\n" + body
+
+
+def codec_markdown(codec: dict, base_px: int) -> list[str]:
+    first = next(iter(codec.values()))
+    lines = ["## Do the defects survive the codec?", "",
+             f"Classifiers trained on half of the training side's cells ({first['cells']['train']['defect']} pool defect "
+             f"and {first['cells']['train']['good']} good, never a test cell; one per seed, {first['seeds']} seeds) score the "
+             f"other half "
+             f"({first['cells']['eval']['defect']} defect, {first['cells']['eval']['good']} good) as they are and after "
+             f"the base's codec. The codec is the base's VAE, trained at {base_px} px; at the other sizes it is the same "
+             "weights applied there (it is convolutional), not a VAE trained at that size.", "",
+             "| px | AUROC, originals | AUROC, round trips | round trip minus original (AUROC) | (AP) | "
+             "PSNR defect / good (dB) |", "|---|---|---|---|---|---|"]
+    for px, r in sorted(codec.items(), key=lambda kv: int(kv[0])):
+        diff = {c["metric"]: c for c in r["comparisons"]}
+        cell = {m: f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] {c['verdict']}"
+                for m, c in diff.items()}
+        lines.append(f"| {px} | {r['scores']['original']['image_auroc']:.3f} | "
+                     f"{r['scores']['round trip']['image_auroc']:.3f} | {cell['image_auroc']} | {cell['image_ap']} | "
+                     f"{r['psnr_db']['defect']:.1f} / {r['psnr_db']['good']:.1f} |")
+    return lines + [""]
 
 
 def main() -> int:
@@ -230,6 +323,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=8, help="classifier seeds per arm")
     p.add_argument("--steps", type=int, default=900, help="classifier steps")
     p.add_argument("--time-resolutions", default="96,128", help="other base resolutions to time (empty: none)")
+    p.add_argument("--codec-seeds", type=int, default=3, help="classifier seeds per resolution in the codec stage")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     work, run = Path(args.work), Path(args.run_dir)
@@ -296,6 +390,25 @@ def main() -> int:
     for t in timing.values():
         t["projected_minutes"] = round((recipe_steps["vae"] * t["vae"] + recipe_steps["unet"] * t["unet"]) / 60, 1)
 
+    from defect_ds.downstream.cli import load_pool
+
+    codec_file = work / "codec" / "survival.json"
+    codec_sizes = [args.resolution_px] + [int(r) for r in args.time_resolutions.split(",") if r.strip()]
+
+    def codec() -> None:
+        done = json.loads(codec_file.read_text()) if codec_file.is_file() else {}
+        rebuild = vae_codec(base / "vae")
+        for size in codec_sizes:
+            if str(size) in done:
+                continue
+            print(f"  codec at {size} px", flush=True)
+            done[str(size)] = codec_survival(load_pool(split, size), load_pairs(shots, size, defects=False), rebuild,
+                                             size, seeds=args.codec_seeds, steps=args.steps)
+            atomic_write_json(codec_file, done, indent=2)  # one resolution at a time: a rerun resumes
+    stages.run("codec", codec_file.is_file() and all(str(s) in json.loads(codec_file.read_text())
+                                                      for s in codec_sizes), codec)
+    codec_record = json.loads(codec_file.read_text())
+
     stem = f"elpv-{datetime.date.today().isoformat()}{'-' + args.tag if args.tag else ''}"
     picture(shots, generated, work / f"{stem}.png")
     record = json.loads((evaluation / "downstream.json").read_text())
@@ -313,7 +426,7 @@ def main() -> int:
                  "steps": {stage: max(r["step"] for r in base_log if r.get("stage") == stage) for stage in ("vae", "unet")
                            if any(r.get("stage") == stage for r in base_log)}},
         "strength": choice, "num_generated": args.num_generated, "times": times, "recipe_steps": recipe_steps,
-        "resolution_timing": timing}
+        "resolution_timing": timing, "codec": codec_record}
     record["environment"] = environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,60 @@ def test_seconds_per_step_read_from_a_base_log(bench, tmp_path):
                {"stage": "unet", "step": 25, "time_s": 175.0}]
     log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert bench.steps_per_second(log) == {"vae": 2.0, "unet": 3.0}
+
+
+@pytest.fixture(scope="module")
+def codec_split(make_elpv, tmp_path_factory):
+    """A fake ELPV split with a pool: 40 good and 24 defect cells, 2 shots, half the rest in the pool."""
+    cells = [("0.0", t) for t in ("mono", "poly") for _ in range(20)] + [("1.0", t) for t in ("mono", "poly")
+                                                                       for _ in range(12)]
+    data = tmp_path_factory.mktemp("codec") / "data"
+    assert main(["prepare", "elpv", str(make_elpv(tmp_path_factory.mktemp("raw"), cells)), str(data),
+                 "--resolution-px", "32", "--no-progress"]) == 0
+    split = tmp_path_factory.mktemp("codec-split")
+    assert main(["downstream", "split", str(data), str(split), "--shots", "2", "--pool-fraction", "0.5"]) == 0
+    return split
+
+
+def codec_inputs(split: Path):
+    from defect_ds.downstream.cli import load_pairs, load_pool
+
+    return load_pool(split, 32), load_pairs(split / "shots", 32, defects=False)
+
+
+def test_the_halves_split_the_cells_in_two_without_overlap(bench):
+    keys = [f"cell{i:03d}" for i in (5, 3, 0, 4, 1, 2, 6)]
+    first, second = bench.halves(keys)
+    assert sorted([*first, *second]) == list(range(7)) and len(first) == 4 and len(second) == 3
+    assert {keys[i] for i in first} == {"cell000", "cell002", "cell004", "cell006"}  # every other one in key order
+
+
+def test_a_codec_that_changes_nothing_keeps_every_score(bench, codec_split):
+    defects, goods = codec_inputs(codec_split)
+    r = bench.codec_survival(defects, goods, lambda x: x.copy(), 32, seeds=1, steps=30, resamples=200)
+    assert r["scores"]["original"] == r["scores"]["round trip"]
+    assert {(c["metric"], c["difference"], c["verdict"]) for c in r["comparisons"]} == {
+        ("image_auroc", 0.0, "no detectable difference"), ("image_ap", 0.0, "no detectable difference")}
+    assert r["psnr_db"]["defect"] == r["psnr_db"]["good"] > 100  # no error at all
+    train, held = r["cells"]["train"], r["cells"]["eval"]
+    assert train["defect"] + held["defect"] == len(defects.keys) and train["good"] + held["good"] == len(goods.keys)
+
+
+def test_a_codec_that_erases_the_cracks_is_worse_than_the_originals(bench, codec_split):
+    """Each cell becomes its own median grey: the dark crack, all that tells the fake defect cells apart, is gone."""
+    defects, goods = codec_inputs(codec_split)
+
+    def erase(images):
+        return np.broadcast_to(np.median(images, axis=(1, 2), keepdims=True), images.shape).astype(np.uint8)
+
+    r = bench.codec_survival(defects, goods, erase, 32, seeds=2, steps=60, resamples=500)
+    assert r["scores"]["original"]["image_auroc"] > 0.9
+    auroc = next(c for c in r["comparisons"] if c["metric"] == "image_auroc")
+    assert auroc["verdict"] == "worse" and auroc["ci_high"] < 0
+    assert r["psnr_db"]["defect"] < r["psnr_db"]["good"]  # the crack is what the codec lost
+
+
+def test_the_base_codec_returns_images_of_the_same_size(bench, tiny_model_dir):
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = bench.vae_codec(tiny_model_dir / "vae", batch_size=2)(images)
+    assert out.shape == images.shape and out.dtype == np.uint8
