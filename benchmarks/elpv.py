@@ -291,9 +291,8 @@ def codec_markdown(codec: dict, base_px: int) -> list[str]:
     first = next(iter(codec.values()))
     lines = ["## Do the defects survive the codec?", "",
              f"Classifiers trained on half of the training side's cells ({first['cells']['train']['defect']} pool defect "
-             f"and {first['cells']['train']['good']} good, never a test cell; one per seed, {first['seeds']} seeds) score the "
-             f"other half "
-             f"({first['cells']['eval']['defect']} defect, {first['cells']['eval']['good']} good) as they are and after "
+             f"and {first['cells']['train']['good']} good, never a test cell; one per seed, {first['seeds']} seeds) "
+             f"score the other half ({first['cells']['eval']['defect']} defect, {first['cells']['eval']['good']} good) as they are and after "
              f"the base's codec. The codec is the base's VAE, trained at {base_px} px; at the other sizes it is the same "
              "weights applied there (it is convolutional), not a VAE trained at that size.", "",
              "| px | AUROC, originals | AUROC, round trips | round trip minus original (AUROC) | (AP) | "
