@@ -289,12 +289,13 @@ def markdown(record: dict, downstream_md: str) -> str:
 
 def codec_markdown(codec: dict, base_px: int) -> list[str]:
     first = next(iter(codec.values()))
+    train, held = first["cells"]["train"], first["cells"]["eval"]
     lines = ["## Do the defects survive the codec?", "",
-             f"Classifiers trained on half of the training side's cells ({first['cells']['train']['defect']} pool defect "
-             f"and {first['cells']['train']['good']} good, never a test cell; one per seed, {first['seeds']} seeds) "
-             f"score the other half ({first['cells']['eval']['defect']} defect, {first['cells']['eval']['good']} good) as they are and after "
-             f"the base's codec. The codec is the base's VAE, trained at {base_px} px; at the other sizes it is the same "
-             "weights applied there (it is convolutional), not a VAE trained at that size.", "",
+             f"Classifiers trained on half of the training side's cells ({train['defect']} pool defect and "
+             f"{train['good']} good, never a test cell; one per seed, {first['seeds']} seeds) score the other half "
+             f"({held['defect']} defect, {held['good']} good) as they are and after the base's codec. The codec is "
+             f"the base's VAE, trained at {base_px} px; at the other sizes it is the same weights applied there (it "
+             "is convolutional), not a VAE trained at that size.", "",
              "| px | AUROC, originals | AUROC, round trips | round trip minus original (AUROC) | (AP) | "
              "PSNR defect / good (dB) |", "|---|---|---|---|---|---|"]
     for px, r in sorted(codec.items(), key=lambda kv: int(kv[0])):

@@ -154,3 +154,12 @@ def test_the_base_codec_returns_images_of_the_same_size(bench, tiny_model_dir):
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = bench.vae_codec(tiny_model_dir / "vae", batch_size=2)(images)
     assert out.shape == images.shape and out.dtype == np.uint8
+
+
+def test_the_codec_table_has_a_row_per_size_with_its_verdict(bench, codec_split):
+    defects, goods = codec_inputs(codec_split)
+    r = bench.codec_survival(defects, goods, lambda x: x.copy(), 32, seeds=1, steps=10, resamples=50)
+    lines = bench.codec_markdown({"128": r, "32": r}, 32)
+    rows = [line for line in lines if line.startswith("| 32 ") or line.startswith("| 128 ")]
+    assert [row.split()[1] for row in rows] == ["32", "128"]
+    assert all(row.count("no detectable difference") == 2 for row in rows)
