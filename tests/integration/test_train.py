@@ -463,11 +463,11 @@ def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *resume, f"--train.stop_at_step={stop + 1}"],
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert f"at step {stop}, saved by 2 process(es), now 1" in one.stderr
+    assert f"at step {stop}, saved by 2 process(es), now 1" in logged(one)
     assert len(list((run / "checkpoints" / f"step-{stop + 1:07d}").glob("zero_pp_rank_*_optim_states.pt"))) == 1
     assert not (run / "checkpoints" / "universal").exists()  # the converted copy goes once loaded
     back = deepspeed_train(resume)
-    assert f"at step {stop + 1}, saved by 1 process(es), now 2" in back.stdout + back.stderr
+    assert f"at step {stop + 1}, saved by 1 process(es), now 2" in logged(back)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, stop + 3))
 
