@@ -42,6 +42,9 @@ class StopRequest:
         self.cause = ""  # what to call it in messages: SIGTERM, or the runner's exit
         self.first_at = 0.0
         self.agreed_signum = 0  # the largest signal any rank got, as of the last `agreed()`
+        self.runner_pid = 0  # the deepspeed runner above this rank's launcher; 0: none
+        self.runner_gone = False  # this rank's stop came from the runner's exit, not from a signal
+        self.agreed_runner_gone = False  # some rank's did, as of the last `agreed()`
         self.armed = False  # the loop runs: a request waits for the step boundary
         self.saved = False  # the stop's checkpoint is committed: later signals change nothing
         self.group = None
@@ -56,12 +59,13 @@ class StopRequest:
         if os.getpid() == self.pid:  # a forked data loader worker inherits the handler: its rank decides
             self.request(signum, signal.Signals(signum).name)
 
-    def request(self, signum: int, cause: str, repeat_exits: bool = True) -> None:
+    def request(self, signum: int, cause: str, repeat_exits: bool = True, runner_gone: bool = False) -> None:
         """Records a stop; a repeat later than REPEAT_WINDOW_S exits at once unless repeat_exits is False
-        (an event that follows from the first signal, such as the runner ending on it, is no second one)."""
+        (an event that follows from the first signal, such as the runner ending on it, is no second one).
+        runner_gone: the stop is the runner's exit, which the other ranks then name as such."""
         now = time.monotonic()
         if not self.signum:
-            self.signum, self.cause, self.first_at = signum, cause, now
+            self.signum, self.cause, self.first_at, self.runner_gone = signum, cause, now, runner_gone
             if not self.armed:
                 self._exit_now(f"stopped on {cause} before training started; nothing was saved.")
         elif repeat_exits and not self.saved and now - self.first_at > REPEAT_WINDOW_S:
@@ -81,15 +85,24 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was signalled; every rank gets the same answer. Call it at each step boundary."""
-        flag = torch.tensor(self.signum, dtype=torch.int64)
+        flag = torch.tensor([self.signum, int(self.runner_gone)], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.agreed_signum = int(flag)  # a CPU tensor: reading it waits for no device
+        self.agreed_signum, self.agreed_runner_gone = int(flag[0]), bool(flag[1])  # a CPU tensor: no device wait
         return bool(self.agreed_signum)
+
+    def _peer_cause(self) -> str:
+        """What stopped the run, for a rank that was not signalled itself: each rank watches the same runner."""
+        if self.agreed_runner_gone and self.runner_pid:
+            return self._runner_exit()
+        return f"{signal.Signals(self.agreed_signum).name} sent to another rank"
+
+    def _runner_exit(self) -> str:
+        return f"the exit of the deepspeed runner (pid {self.runner_pid})"
 
     def stopped(self, step: int, tag: str) -> Stopped:
         """The one line after the stop's checkpoint `tag` of `step` is committed."""
         self.saved = True
-        cause = self.cause or f"{signal.Signals(self.agreed_signum).name} sent to another rank"
+        cause = self.cause or self._peer_cause()
         return Stopped(f"stopped on {cause} after step {step}; checkpoint {tag} is committed; resume with "
                        "--resume latest.", self.exit_code)
 
@@ -98,6 +111,8 @@ class StopRequest:
         if self.signum:
             return f"rank {self.rank} stopped on {self.cause}."
         if self.agreed_signum:
+            if self.agreed_runner_gone and self.runner_pid:
+                return f"rank {self.rank} stopped on {self._runner_exit()}."
             return f"rank {self.rank} stopped: another rank got {signal.Signals(self.agreed_signum).name}."
         return None
 
@@ -114,6 +129,7 @@ class StopRequest:
             runner = launcher.ppid()
         except psutil.Error:
             return
+        self.runner_pid = runner
 
         def watch() -> None:
             while True:
@@ -123,8 +139,7 @@ class StopRequest:
                 except psutil.Error:
                     gone = True
                 if gone:  # a Ctrl-C ends the runner too: seen late on a busy machine, it is no second signal
-                    self.request(signal.SIGTERM, f"the exit of the deepspeed runner (pid {runner})",
-                                 repeat_exits=False)
+                    self.request(signal.SIGTERM, self._runner_exit(), repeat_exits=False, runner_gone=True)
                     return
 
         threading.Thread(target=watch, name="watch-deepspeed-runner", daemon=True).start()

@@ -77,3 +77,18 @@ def test_a_rank_that_was_not_signalled_names_the_signal_of_another(request_):
     assert str(request_.stopped(3, "step-0000003")).startswith("stopped on SIGTERM sent to another rank after step 3;")
     fresh = StopRequest(rank=1)
     assert fresh.lost_peer_message() is None  # no signal anywhere: another rank failed
+
+
+def test_a_rank_whose_partner_saw_the_runner_end_names_the_runner_not_a_signal(request_):
+    """Every rank watches the same runner; whichever sees its exit first, all of them name it."""
+    request_.runner_pid = 4242
+    request_.agreed_signum, request_.agreed_runner_gone = signal.SIGTERM, True
+    assert str(request_.stopped(5, "step-0000005")).startswith(
+        "stopped on the exit of the deepspeed runner (pid 4242) after step 5;")
+    assert request_.lost_peer_message() == "rank 0 stopped on the exit of the deepspeed runner (pid 4242)."
+
+
+def test_the_runners_exit_seen_here_travels_with_the_request(request_):
+    request_.armed, request_.runner_pid = True, 7
+    request_.request(signal.SIGTERM, request_._runner_exit(), repeat_exits=False, runner_gone=True)
+    assert (request_.runner_gone, request_.cause) == (True, "the exit of the deepspeed runner (pid 7)")
