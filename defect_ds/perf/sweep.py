@@ -3,15 +3,19 @@
     defect-ds bench --arch tiny --zero 2,3,3o --accum 1,2 --micro-batch 4,2 --checkpointing on,off \\
         --latents off,on --grid around-base
 
-Axes: ZeRO stage (2, 3, 3o = ZeRO-3 with CPU offload), gradient accumulation, micro batch, activation
-checkpointing, precomputed latents. `--grid product` runs every combination; `--grid around-base`
+Axes: ZeRO stage (0 = plain data parallelism, 1, 2, 3, 3o = ZeRO-3 with CPU offload), gradient
+accumulation, micro batch, activation checkpointing, precomputed latents, what of the UNet trains (LoRA or
+full) and the LoRA rank. `--grid product` runs every combination; `--grid around-base`
 runs the base point (the first value of every axis) and then each other value with the rest at base.
 
 Each point is `deepspeed --num_gpus N train.py --config ... --train.ds_config=... ...` in its own run
 directory; the trainer logs every `--interval-steps` steps and the first `--warmup-intervals`
 intervals are left out, so start-up, allocator warm-up and the first-step compilation are not
-measured. A point that fails (out of memory, an offload op that will not build, a timeout) is recorded
-with its error and the sweep goes on. After every point the results are rewritten: raw JSON (every
+measured. While a point runs, each rank's peak resident memory (the kernel's high-water mark) and the
+machine's free memory are read twice a second; a point that would leave less than `--memory-reserve-gib`
+free is stopped before the kernel's OOM killer ends other processes and recorded as "does not fit" with
+the memory it reached. A point that fails (an offload op that will not build, a timeout) is recorded with
+its error and the sweep goes on. After every point the results are rewritten: raw JSON (every
 point's overrides, resolved config, interval metrics, error), a markdown table with the device,
 library versions and the resolved configs, and a PNG plot. `--profile-point NAME` adds one unmeasured
 interval to that point with a torch profiler trace (`RUN_DIR/profile/trace-rank{rank}.json`).
@@ -30,8 +34,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,12 +48,15 @@ from defect_ds.utils.device import cpu_name  # benchmarks/ and downstream/ impor
 from defect_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-ZERO_CONFIGS = {"2": "ds_configs/zero2.json", "3": "ds_configs/zero3.json", "3o": "ds_configs/zero3_offload.json"}
+ZERO_CONFIGS = {"0": "ds_configs/zero0.json", "1": "ds_configs/zero1.json", "2": "ds_configs/zero2.json",
+                "3": "ds_configs/zero3.json", "3o": "ds_configs/zero3_offload.json"}
 ARCH_DEFAULTS = {  # model folder, image shards, resolution
     "tiny": ("work/tiny-sd", "work/data/synthetic", 64),
     "sd15": ("work/sd15", "work/data/synthetic-512", 512),
 }
 LIBRARIES = ("torch", "deepspeed", "diffusers", "peft", "transformers", "webdataset")
+UNET_MODES = ("lora", "full")
+GIB = 2 ** 30
 
 
 # ---- the grid -----------------------------------------------------------------------------------
@@ -59,22 +67,28 @@ class Point:
     micro_batch: int  # samples per rank per forward pass
     checkpointing: bool  # activation checkpointing of the UNet blocks
     latents: bool  # train from precomputed VAE latents instead of images
+    unet_mode: str = "lora"  # what of the UNet trains: LoRA adapters or every weight
+    lora_rank: int = 0  # LoRA rank; 0: the run config's (ignored when unet_mode is full)
 
     @property
     def name(self) -> str:
-        return (f"z{self.zero}_a{self.accum}_mb{self.micro_batch}_{'ckpt' if self.checkpointing else 'nockpt'}_"
+        name = (f"z{self.zero}_a{self.accum}_mb{self.micro_batch}_{'ckpt' if self.checkpointing else 'nockpt'}_"
                 f"{'lat' if self.latents else 'img'}")
+        if self.unet_mode == "full":
+            return name + "_full"
+        return name + (f"_r{self.lora_rank}" if self.lora_rank else "")
 
 
-def parse_axes(zero: str, accum: str, micro_batch: str, checkpointing: str, latents: str) -> dict[str, list]:
+def parse_axes(zero: str, accum: str, micro_batch: str, checkpointing: str, latents: str,
+               unet_mode: str = "lora", lora_rank: str = "0") -> dict[str, list]:
     """Comma-separated command-line values -> typed axis values (the first of each is the base)."""
-    def ints(text: str, flag: str) -> list[int]:
+    def ints(text: str, flag: str, least: int = 1) -> list[int]:
         try:
             values = [int(v) for v in _split(text)]
         except ValueError:
             raise ValueError(f"{flag} {text!r} is invalid: use comma-separated integers such as 1,2.") from None
-        if not values or min(values) < 1:
-            raise ValueError(f"{flag} {text!r} is invalid: use comma-separated integers of 1 or more.")
+        if not values or min(values) < least:
+            raise ValueError(f"{flag} {text!r} is invalid: use comma-separated integers of {least} or more.")
         return values
 
     def switches(text: str, flag: str) -> list[bool]:
@@ -86,9 +100,13 @@ def parse_axes(zero: str, accum: str, micro_batch: str, checkpointing: str, late
 
     zeros = _split(zero)
     if not zeros or any(z not in ZERO_CONFIGS for z in zeros):
-        raise ValueError(f"--zero {zero!r} is invalid: use comma-separated stages from 2, 3, 3o.")
+        raise ValueError(f"--zero {zero!r} is invalid: use comma-separated stages from 0, 1, 2, 3, 3o.")
+    modes = _split(unet_mode)
+    if not modes or any(m not in UNET_MODES for m in modes):
+        raise ValueError(f"--unet-mode {unet_mode!r} is invalid: use lora, full or lora,full.")
     return {"zero": zeros, "accum": ints(accum, "--accum"), "micro_batch": ints(micro_batch, "--micro-batch"),
-            "checkpointing": switches(checkpointing, "--checkpointing"), "latents": switches(latents, "--latents")}
+            "checkpointing": switches(checkpointing, "--checkpointing"), "latents": switches(latents, "--latents"),
+            "unet_mode": modes, "lora_rank": ints(lora_rank, "--lora-rank", least=0)}
 
 
 def _split(text: str) -> list[str]:
@@ -99,7 +117,7 @@ def expand_grid(axes: dict[str, list], grid: str = "product") -> list[Point]:
     """All combinations (`product`), or the base point then one axis changed at a time (`around-base`)."""
     names = [f.name for f in dataclasses.fields(Point)]
     if grid == "product":
-        return [Point(*combo) for combo in itertools.product(*(axes[n] for n in names))]
+        return _distinct([Point(*combo) for combo in itertools.product(*(axes[n] for n in names))])
     if grid != "around-base":
         raise ValueError(f"--grid {grid!r} is invalid: use product or around-base.")
     base = Point(*(axes[n][0] for n in names))
@@ -109,7 +127,18 @@ def expand_grid(axes: dict[str, list], grid: str = "product") -> list[Point]:
             point = dataclasses.replace(base, **{n: value})
             if point not in points:
                 points.append(point)
-    return points
+    return _distinct(points)
+
+
+def _distinct(points: list[Point]) -> list[Point]:
+    """The rank means nothing when every UNet weight trains: full points differ in it only in name."""
+    seen, out = set(), []
+    for p in points:
+        key = dataclasses.replace(p, lora_rank=0) if p.unet_mode == "full" else p
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
+    return out
 
 
 # ---- one point ----------------------------------------------------------------------------------
@@ -129,6 +158,7 @@ class Plan:
     work_dir: str  # one run directory per point under it
     extra_overrides: list[str]  # passed to train.py as given
     timeout_s: int = 1800
+    memory_reserve_gib: float = 1.5  # a point is stopped as "does not fit" before less is left free
 
     @property
     def measured_steps(self) -> tuple[int, int]:
@@ -156,7 +186,10 @@ def point_overrides(point: Point, plan: Plan, profile: bool = False) -> list[str
         "logging.sample_every_steps": 0,
         "logging.progress_bar": "false",
         "logging.tensorboard": "false",
+        "model.unet_mode": point.unet_mode,
     }
+    if point.lora_rank and point.unet_mode == "lora":
+        settings["lora.rank"] = settings["lora.alpha"] = point.lora_rank  # alpha / rank stays 1
     if profile:
         settings["logging.profile_at_step"] = last + 1
         settings["logging.profile_steps"] = min(3, plan.interval_steps)
@@ -167,6 +200,111 @@ def launch_command(point: Point, plan: Plan, profile: bool = False) -> list[str]
     deepspeed = Path(sys.executable).with_name("deepspeed")
     return [str(deepspeed), "--num_gpus", str(plan.num_gpus), "--master_port", str(free_port()), "train.py",
             "--config", plan.config, *point_overrides(point, plan, profile)]
+
+
+# ---- memory ------------------------------------------------------------------------------------
+def rank_of(cmdline: list[str]) -> int | None:
+    """The local rank of a `train.py --local_rank=N` process; None for the runner, its launcher and others."""
+    if not any(part.endswith("train.py") for part in cmdline):
+        return None
+    for i, part in enumerate(cmdline):
+        if part.startswith("--local_rank="):
+            return int(part.split("=", 1)[1])
+        if part == "--local_rank" and i + 1 < len(cmdline):
+            return int(cmdline[i + 1])
+    return None
+
+
+def peak_rss_gib(pid: int) -> float | None:
+    """The process's peak resident set size so far (VmHWM, kept by the kernel); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        return None
+    return None
+
+
+def available_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
+
+
+@dataclass
+class MemoryWatch:
+    """Reads a launch's ranks twice a second: each rank's peak resident memory and the machine's free memory.
+
+    When free memory falls under `reserve_gib`, the launch's process group is killed (SIGKILL: a SIGTERM
+    would make the ranks save a checkpoint, which needs more memory) and `stopped` says so.
+    """
+    root_pid: int
+    reserve_gib: float
+    interval_s: float = 0.5
+    available: Any = available_gib  # () -> GiB free; a test passes its own
+    rank_peak_gib: dict[int, float] = field(default_factory=dict)
+    ranks_rss_gib: float = 0.0  # the most the ranks held together at one reading
+    min_available_gib: float | None = None
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweep-memory-watch", daemon=True)
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def read(self) -> None:
+        import psutil
+
+        try:
+            children = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        together = 0.0
+        for child in children:
+            try:
+                rank, rss = rank_of(child.cmdline()), child.memory_info().rss / GIB
+            except (psutil.Error, ValueError):
+                continue
+            if rank is None:
+                continue
+            together += rss
+            peak = peak_rss_gib(child.pid)
+            self.rank_peak_gib[rank] = max(self.rank_peak_gib.get(rank, 0.0), peak or rss)
+        self.ranks_rss_gib = max(self.ranks_rss_gib, together)
+        free = self.available()
+        self.min_available_gib = free if self.min_available_gib is None else min(self.min_available_gib, free)
+        if free < self.reserve_gib and not self.stopped:
+            self.stopped = True
+            for proc in [*children, psutil.Process(self.root_pid)]:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.read()
+            self._done.wait(self.interval_s)
+
+    def record(self) -> dict[str, Any]:
+        ranks = [round(self.rank_peak_gib[r], 2) for r in sorted(self.rank_peak_gib)]
+        return {"rank_peak_rss_gib": ranks, "ranks_rss_gib": round(self.ranks_rss_gib, 2),
+                "min_available_gib": None if self.min_available_gib is None else round(self.min_available_gib, 2),
+                "reserve_gib": self.reserve_gib, "stopped": self.stopped}
+
+    def does_not_fit(self) -> str:
+        ranks = ", ".join(f"{g:.1f}" for g in self.record()["rank_peak_rss_gib"]) or "-"
+        return (f"the ranks held {self.ranks_rss_gib:.1f} GiB together (peak per rank {ranks} GiB) "
+                f"and {self.min_available_gib:.1f} GiB was left free; stopped before the kernel's OOM killer")
 
 
 def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = False) -> dict[str, Any]:
@@ -186,19 +324,27 @@ def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = Fal
         # own session: on a timeout the launcher and its ranks are ended together, by process group
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=plan.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
+        with MemoryWatch(proc.pid, plan.memory_reserve_gib) as memory:
             try:
-                proc.wait(timeout=30)
+                returncode = proc.wait(timeout=plan.timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            error = f"timed out after {plan.timeout_s} s"
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                error = f"timed out after {plan.timeout_s} s"
+        _end_group(proc.pid)  # ranks the runner left behind when it was killed
     wall_s = time.perf_counter() - start
     log_text = log_path.read_text(errors="replace")
-    if error is None and returncode != 0:
+    status = "ok"
+    if memory.stopped:
+        status, error = "does not fit", memory.does_not_fit()
+    elif error is None and returncode != 0 and _oom_killed(log_text, returncode):
+        status, error = "does not fit", ("a rank was killed by SIGKILL (the kernel's OOM killer, "
+                                         f"most likely) at {memory.ranks_rss_gib:.1f} GiB held by the ranks")
+    elif error is None and returncode != 0:
         error = error_from_log(log_text) or f"exit code {returncode}"
     intervals = read_metrics(run_dir / "metrics.jsonl")
     first, last = plan.measured_steps
@@ -211,13 +357,26 @@ def run_point(point: Point, plan: Plan, env: dict[str, str], profile: bool = Fal
     for bulky in ("checkpoints", "exports", "export"):  # engine checkpoints of SD 1.5 are gigabytes
         _remove(run_dir / bulky)
     return {
-        "name": point.name, "point": dataclasses.asdict(point), "status": "failed" if error else "ok",
+        "name": point.name, "point": dataclasses.asdict(point),
+        "status": status if status != "ok" else ("failed" if error else "ok"), "memory": memory.record(),
         "error": error, "returncode": returncode, "command": shlex.join(command), "run_dir": str(run_dir),
         "wall_s": round(wall_s, 1), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "measured_steps": [first, last], "metrics": summarise(measured, plan.num_gpus) if measured else {},
         "intervals": intervals, "config": json.loads(config_path.read_text()) if config_path.exists() else None,
         "profile_trace": str(trace) if trace.exists() else None, "checkpoint": checkpoint,
     }
+
+
+def _end_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:  # nothing left in it
+        pass
+
+
+def _oom_killed(log_text: str, returncode: int | None) -> bool:
+    """DeepSpeed's launcher reports a rank the kernel killed as exit code -9 (SIGKILL)."""
+    return returncode in (-9, 137) or bool(re.search(r"exits with return code = -9\b", log_text))
 
 
 def checkpoint_meta(ckpt_dir: Path) -> dict[str, Any] | None:
@@ -335,11 +494,14 @@ def environment(num_gpus: int, cuda: bool, env: dict[str, str]) -> dict[str, Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="tiny",
                    help="tiny (CPU) or sd15 (random-weight SD 1.5, 512 px; made if absent)")
-    p.add_argument("--zero", default="2", help="ZeRO stages: 2, 3, 3o (ZeRO-3 with CPU offload), comma-separated")
+    p.add_argument("--zero", default="2", help="ZeRO stages: 0 (plain data parallelism), 1, 2, 3, 3o (ZeRO-3 with "
+                   "CPU offload), comma-separated")
     p.add_argument("--accum", default="1", help="gradient accumulation steps, comma-separated")
     p.add_argument("--micro-batch", default="4", help="micro batch sizes per rank, comma-separated")
     p.add_argument("--checkpointing", default="on", help="activation checkpointing: on, off or on,off")
     p.add_argument("--latents", default="off", help="precomputed latents: off, on or off,on")
+    p.add_argument("--unet-mode", default="lora", help="what of the UNet trains: lora, full or lora,full")
+    p.add_argument("--lora-rank", default="0", help="LoRA ranks, comma-separated (0: the run config's)")
     p.add_argument("--grid", choices=("product", "around-base"), default="product",
                    help="every combination, or the base (first values) and one axis changed at a time")
     p.add_argument("--model", help="diffusers model folder (default work/tiny-sd or work/sd15)")
@@ -355,6 +517,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-intervals", type=int, default=1, help="intervals left out of the measurement")
     p.add_argument("--measure-intervals", type=int, default=2, help="intervals measured")
     p.add_argument("--timeout-s", type=int, default=1800, help="a point running longer is recorded as failed")
+    p.add_argument("--memory-reserve-gib", type=float, default=1.5,
+                   help="a point that would leave less memory free is stopped and recorded as does not fit")
     p.add_argument("--profile-point", help="point name (or index) that gets one extra, unmeasured interval "
                    "with a torch profiler trace")
     p.add_argument("--work-dir", help="run directories go under it (default work/bench/ARCH)")
@@ -386,12 +550,12 @@ def run(args: argparse.Namespace, command_line: str | None = None) -> int:
                 precision=args.precision, num_gpus=args.num_gpus or (torch.cuda.device_count() if cuda else 2),
                 interval_steps=args.interval_steps, warmup_intervals=args.warmup_intervals,
                 measure_intervals=args.measure_intervals, work_dir=work_dir, extra_overrides=extra,
-                timeout_s=args.timeout_s)
+                timeout_s=args.timeout_s, memory_reserve_gib=args.memory_reserve_gib)
     if min(plan.interval_steps, plan.measure_intervals, plan.num_gpus) < 1 or plan.warmup_intervals < 0:
         raise ValueError("--interval-steps, --measure-intervals and --num-gpus must be 1 or more and "
                          "--warmup-intervals 0 or more.")
-    points = expand_grid(parse_axes(args.zero, args.accum, args.micro_batch, args.checkpointing, args.latents),
-                         args.grid)
+    points = expand_grid(parse_axes(args.zero, args.accum, args.micro_batch, args.checkpointing, args.latents,
+                                    args.unet_mode, args.lora_rank), args.grid)
     profiled = _find_point(points, args.profile_point) if args.profile_point else None
     for point in points:  # a bad override fails here, in the first second, not in point 7
         load_config(plan.config, point_overrides(point, plan, point == profiled))

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-POINT_AXES = ("zero", "accum", "micro_batch", "checkpointing", "latents")
+POINT_AXES = ("zero", "accum", "micro_batch", "checkpointing", "latents", "unet_mode", "lora_rank")
+ZERO_NAMES = {"0": "0 (plain DP)", "3o": "3 + offload"}
 
 
 def write_results(results: list[dict[str, Any]], info: dict[str, Any], out: str | Path) -> None:
@@ -27,22 +28,38 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def unet_label(point: dict[str, Any]) -> str:
+    """`full`, or `LoRA` with its rank when the sweep set one (results from before the axis are LoRA)."""
+    if point.get("unet_mode", "lora") == "full":
+        return "full"
+    return f"LoRA r{point['lora_rank']}" if point.get("lora_rank") else "LoRA"
+
+
+def rank_memory(r: dict[str, Any]) -> str:
+    """Each rank's peak resident GiB as the sweep read it ("a / b"); older results have rank 0's only."""
+    ranks = (r.get("memory") or {}).get("rank_peak_rss_gib")
+    if ranks:
+        return " / ".join(f"{g:.3g}" for g in ranks)
+    return _num(r["metrics"].get("cpu_max_rss_gib"))
+
+
 def table_rows(results: list[dict[str, Any]], cuda: bool, processes: int) -> list[str]:
-    memory = "peak alloc / reserved GiB" if cuda else "max RSS rank 0 GiB"
-    header = ["point", "ZeRO", "accum", "micro batch", "global batch", "act. ckpt", "latents", "images/s",
+    memory = "peak alloc / reserved GiB" if cuda else "peak RSS per rank GiB"
+    header = ["point", "ZeRO", "UNet", "accum", "micro batch", "global batch", "act. ckpt", "latents", "images/s",
               "(min-max)", "step s", "TFLOP/s/dev", "MFU", "HFU", "GFLOP/img", "data wait", memory,
               "ckpt MiB", "ckpt save s", "load 1 min", "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * 7 + [" ---: "] * 12 + [" --- "]) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * 8 + [" ---: "] * 12 + [" --- "]) + "|"]
     for r in results:
         p, m = r["point"], r["metrics"]
         mem = (f"{_num(m.get('peak_mem_alloc_gib'))} / {_num(m.get('peak_mem_reserved_gib'))}" if cuda
-               else _num(m.get("cpu_max_rss_gib")))
+               else rank_memory(r))
         spread = (f"{m['images_per_s_min']:.3g}-{m['images_per_s_max']:.3g}" if m else "-")
-        status = "ok" if r["status"] == "ok" else f"**failed**: {r['error']}"
+        status = "ok" if r["status"] == "ok" else f"**{r['status']}**: {r['error']}"
         saved = r.get("checkpoint") or {}
         lines.append("| " + " | ".join([
-            f"`{r['name']}`", p["zero"].replace("3o", "3 + offload"), str(p["accum"]), str(p["micro_batch"]),
-            str(p["micro_batch"] * p["accum"] * processes), "on" if p["checkpointing"] else "off",
+            f"`{r['name']}`", ZERO_NAMES.get(p["zero"], p["zero"]), unet_label(p), str(p["accum"]),
+            str(p["micro_batch"]), str(p["micro_batch"] * p["accum"] * processes),
+            "on" if p["checkpointing"] else "off",
             "on" if p["latents"] else "off", _num(m.get("images_per_s")), spread, _num(m.get("step_time_s")),
             _num(m.get("tflops_per_device")), _pct(m.get("mfu")), _pct(m.get("hfu")),
             _num(m.get("model_gflop_per_image")), _pct(m.get("data_wait_share")), mem,
@@ -97,8 +114,10 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], plot_name: str
         f"- {peak}; GFLOP/img is the model FLOPs the meter counts per image (`defect_ds/perf/flops.py`: no VAE "
         "encoder with latents; recompute only in HFU); data wait is the share of time rank 0 waited for batches",
         "- memory: " + ("the CUDA caching allocator's peak allocated / reserved on rank 0 over the measured "
-                        "intervals" if cuda else "rank 0's peak resident set size over its whole life "
-                        "(the CPU has no allocator statistics)"),
+                        "intervals" if cuda else "each rank's peak resident set size over its whole life (the "
+                        "kernel's VmHWM, read twice a second; the CPU has no allocator statistics). A point "
+                        f"that would leave less than {plan.get('memory_reserve_gib', '-')} GiB of the machine's "
+                        "memory free is stopped and marked **does not fit**, with what it reached"),
         f"- load 1 min: the host's 1-minute load average before / after each point{'' if cuda else ' (on a shared CPU, other jobs lower the figures)'}",
         "",
         *table_rows(results, cuda, info["processes"]),
@@ -110,7 +129,7 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], plot_name: str
     lines += [f"![images/s and {'MFU' if info.get('peak_tflops') else 'TFLOP/s'} per point]({plot_name})", ""]
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
-        lines += ["## Failed points", ""] + [f"- `{r['name']}`: {r['error']} (log: `{r['run_dir']}/launcher.log`)"
+        lines += ["## Points that failed or did not fit", ""] + [f"- `{r['name']}`: {r['error']} (log: `{r['run_dir']}/launcher.log`)"
                                              for r in failed] + [""]
     traces = [r for r in results if r.get("profile_trace")]
     if traces:
@@ -157,7 +176,7 @@ def write_plot(results: list[dict[str, Any]], info: dict[str, Any], path: Path) 
                                    (axes[1], second, label, None)):
         ax.barh(range(len(results)), values, color=colors, xerr=err, capsize=3)
         for i, (r, v) in enumerate(zip(results, values)):
-            text = f" {v:.3g}" if r["status"] == "ok" else "  failed"
+            text = f" {v:.3g}" if r["status"] == "ok" else f"  {r['status']}"
             ax.text(v + (err[1][i] if err else 0) if r["status"] == "ok" else 0, i, text, va="center", fontsize=8,
                     color="black" if r["status"] == "ok" else "tab:red")
         ax.margins(x=0.15)

@@ -162,7 +162,7 @@ def test_without_a_peak_figure_mfu_is_left_blank(tmp_path):
     results[0]["metrics"].update(mfu=None, hfu=None, peak_mem_alloc_gib=None, cpu_max_rss_gib=1.04)
     write_results(results[:1], info, tmp_path / "cpu")
     md = (tmp_path / "cpu.md").read_text()
-    assert "MFU and HFU are not defined" in md and "max RSS rank 0 GiB" in md and "| 1.04 |" in md
+    assert "MFU and HFU are not defined" in md and "peak RSS per rank GiB" in md and "| 1.04 |" in md  # older
     row = table(md)[0]
     assert row["MFU"] == row["HFU"] == "-" and row["TFLOP/s/dev"] == "150"
 
@@ -200,3 +200,77 @@ def test_one_tiny_point_runs_under_deepspeed_and_is_measured(tiny_model_dir, mak
     assert not (tmp_path / "runs" / result["name"] / "checkpoints").exists()
     assert result["checkpoint"]["mib"] > 0 and result["checkpoint"]["save_s"] > 0  # read before removal
     assert all(r["mfu"] > 0 for r in result["intervals"])  # the CPU's measured peak gives an MFU
+    ranks = result["memory"]["rank_peak_rss_gib"]  # both ranks' high-water marks, read while they ran
+    assert len(ranks) == 2 and min(ranks) > 0.1 and not result["memory"]["stopped"]
+
+
+def test_unet_mode_and_lora_rank_are_axes_and_full_points_ignore_the_rank(tmp_path):
+    axes = sweep.parse_axes("0,3", "1", "1", "on", "off", unet_mode="lora,full", lora_rank="8,64")
+    points = sweep.expand_grid(axes, "product")
+    assert sorted(p.name for p in points) == sorted([
+        "z0_a1_mb1_ckpt_img_r8", "z0_a1_mb1_ckpt_img_r64", "z0_a1_mb1_ckpt_img_full",
+        "z3_a1_mb1_ckpt_img_r8", "z3_a1_mb1_ckpt_img_r64", "z3_a1_mb1_ckpt_img_full"])
+    plan = make_plan(tmp_path)
+    full = load_config(plan.config, sweep.point_overrides(sweep.Point("0", 1, 1, True, False, "full"), plan))
+    assert full.model.unet_mode == "full" and full.train.ds_config == "ds_configs/zero0.json"
+    lora = load_config(plan.config, sweep.point_overrides(sweep.Point("1", 1, 1, True, False, "lora", 64), plan))
+    assert (lora.model.unet_mode, lora.lora.rank, lora.lora.alpha) == ("lora", 64, 64.0)
+    assert sweep.Point("2", 1, 4, True, False).name == "z2_a1_mb4_ckpt_img"  # older results keep their names
+
+
+@pytest.mark.parametrize("field,value", [("unet_mode", "frozen"), ("lora_rank", "-1")])
+def test_bad_unet_mode_and_rank_are_refused(field, value):
+    with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
+        sweep.parse_axes(**{**AXES, field: value})
+
+
+def test_ranks_are_told_from_the_runner_by_their_command_line():
+    assert sweep.rank_of(["python", "-u", "train.py", "--local_rank=1", "--config", "c.toml"]) == 1
+    assert sweep.rank_of(["python", "train.py", "--local_rank", "0"]) == 0
+    assert sweep.rank_of(["python", "-m", "deepspeed.launcher.launch", "--world_info=x", "train.py"]) is None
+    assert sweep.rank_of(["deepspeed", "--num_gpus", "2", "train.py", "--config", "c.toml"]) is None
+
+
+def test_a_launch_that_would_exhaust_memory_is_stopped_and_its_ranks_peaks_are_kept():
+    """A stand-in rank holds 64 MiB; the machine reports less free memory than the reserve: the watch kills
+    the whole tree (a runner and its rank) and keeps what the rank reached."""
+    import subprocess
+    import sys
+
+    rank = ("import sys, time; block = bytearray(64 * 2 ** 20); block[::4096] = b'x' * len(block[::4096]); "
+            "print('ready', flush=True); time.sleep(60)")
+    runner = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, "
+                               f"'-c', {rank!r}, 'train.py', '--local_rank=0'])"], stdout=subprocess.PIPE)
+    free = [8.0]
+    try:
+        assert runner.stdout.readline().strip() == b"ready"
+        watch = sweep.MemoryWatch(runner.pid, reserve_gib=1.0, available=lambda: free[0])
+        watch.read()
+        assert not watch.stopped and watch.rank_peak_gib[0] >= 64 / 1024
+        free[0] = 0.5
+        watch.read()
+        assert watch.stopped and runner.wait(timeout=10) == -9
+    finally:
+        runner.kill()
+    record = watch.record()
+    assert record["stopped"] and record["min_available_gib"] == 0.5 and record["rank_peak_rss_gib"][0] >= 0.06
+    assert watch.does_not_fit().startswith("the ranks held 0.1 GiB together")
+
+
+def test_points_that_do_not_fit_are_marked_and_every_ranks_peak_is_shown(tmp_path):
+    results, info = fabricated_results()
+    info.update(accelerator="cpu", device="Intel Xeon", peak_tflops=None,
+                plan={**info["plan"], "memory_reserve_gib": 1.5})
+    point = dataclasses.asdict(sweep.Point("0", 1, 1, True, False, "full"))
+    full = dict(results[1], name="z0_a1_mb1_ckpt_img_full", point=point, status="does not fit",
+                error="the ranks held 21.0 GiB together (peak per rank 10.5, 10.5 GiB) and 1.4 GiB "
+                      "was left free; stopped before the kernel's OOM killer",
+                memory={"rank_peak_rss_gib": [10.5, 10.5]})
+    ok = dict(results[0], memory={"rank_peak_rss_gib": [3.25, 3.5]})
+    write_results([ok, full], info, tmp_path / "cpu")
+    md = (tmp_path / "cpu.md").read_text()
+    ok_row, full_row = table(md)
+    assert ok_row["peak RSS per rank GiB"] == "3.25 / 3.5" and ok_row["UNet"] == "LoRA"
+    assert full_row["peak RSS per rank GiB"] == "10.5 / 10.5" and full_row["UNet"] == "full"
+    assert full_row["ZeRO"] == "0 (plain DP)" and full_row["status"].startswith("**does not fit**: the ranks held")
+    assert "less than 1.5 GiB" in md and "## Points that failed or did not fit" in md

@@ -8,7 +8,8 @@ from defect_ds.train.distributed import build_ds_config, zero_stage
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
+@pytest.mark.parametrize("name, stage", [("zero0.json", 0), ("zero1.json", 1), ("zero2.json", 2), ("zero3.json", 3),
+                                         ("zero3_offload.json", 3)])
 def test_shipped_ds_configs_get_batch_arithmetic_injected(name, stage):
     ds = build_ds_config(ROOT / "ds_configs" / name, TrainConfig(micro_batch_size=3, grad_accum_steps=2),
                          OptimizerConfig(grad_clip=0.5), world_size=4)
