@@ -1,6 +1,7 @@
 """Shared fixtures: everything a test needs is made here, small, offline."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -8,6 +9,24 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load_script("benchmarks/elpv.py") imports a script of the repository that is not in the package (a
+    benchmark, a tool) as a module, once per session."""
+    loaded = {}
+
+    def load(relative: str):
+        if relative not in loaded:
+            spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            loaded[relative] = module
+        return loaded[relative]
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ replaced by a stand-in runner; no environment is built)."""
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("upgrade_constraints", ROOT / "tools" / "upgrade_constraints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_script):
+    return load_script("tools/upgrade_constraints.py")
 
 
 def setup_cfg_requirements() -> list[Requirement]:

@@ -1,18 +1,12 @@
 """A smoke run of benchmarks/bench_loader.py: tiny shards, one timed epoch, results in a temporary file."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_loader.py"
 
 
-def test_bench_loader_writes_a_results_table(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_loader", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_loader_writes_a_results_table(tmp_path, capsys, load_script):
+    bench = load_script("benchmarks/bench_loader.py")
     out = tmp_path / "loader.md"
     threads = torch.get_num_threads()
     try:

@@ -3,7 +3,6 @@ strength rule picks the lowest strength near the best, and recognisability score
 untouched sources with classifiers trained on the shots."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,11 @@ from defect_ds.data.reader import iter_dataset
 from defect_ds.data.sample import GOOD
 from defect_ds.data.shards import ShardWriter, build_manifest, read_manifest, write_manifest
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "elpv.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_elpv", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("benchmarks/elpv.py")
 
 
 @pytest.fixture(scope="module")

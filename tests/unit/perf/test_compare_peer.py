@@ -1,21 +1,16 @@
 """benchmarks/compare_peer.py on two stand-in trainers: step lines parsed, ratio and set-up time written."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "compare_peer.py"
 
 
 @pytest.fixture(scope="module")
-def compare_peer():
-    spec = importlib.util.spec_from_file_location("compare_peer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare_peer(load_script):
+    return load_script("benchmarks/compare_peer.py")
 
 
 def fake_trainer(tmp_path: Path, name: str, line: str, step_s: float) -> str:
