@@ -13,7 +13,7 @@ import argparse
 import datetime
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,13 @@ def predicted_cpu_bytes(point: dict[str, Any], workload: scaling.Workload, world
     torch, DeepSpeed, the data loader), which the comparison reads off the measurements."""
     p = point["point"]
     stage = p["zero"]
-    frozen = replace(workload, frozen_outside=0)  # frozen weights: compute dtype, counted below
-    states = scaling.state_bytes(stage, frozen.trainable, 0, world)
+    states = scaling.state_bytes(stage, workload.trainable, 0, world)  # frozen weights: compute dtype, below
     frozen_engine = workload.frozen_engine * compute_bytes / (world if stage in ("3", "3o") else 1)
     if stage == "3o":  # on the CPU the offloaded states stay in the same memory
         states += workload.trainable * scaling.HOST_BYTES_3O / world
     act = workload.activation_bytes_ckpt if p["checkpointing"] else workload.activation_bytes
-    return (states + frozen_engine + workload.frozen_outside * compute_bytes + scaling.buffer_bytes(stage)
-            + p["micro_batch"] * act)
+    buffers = scaling.buffer_bytes(stage, workload.trainable, workload.frozen_engine)
+    return states + frozen_engine + workload.frozen_outside * compute_bytes + buffers + p["micro_batch"] * act
 
 
 def sweep_check(sweep: dict[str, Any], workloads: dict[tuple[str, int], scaling.Workload]) -> list[str]:
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.mfu <= 1 or args.global_batch < 1:
         print(f"{p.prog}: error: --mfu must be in (0, 1] and --global-batch 1 or more.", file=sys.stderr)
         return 2
-    sweeps = [json.loads(Path(s).read_text()) for s in args.sweep]
+    sweeps = [json.loads(Path(s).read_text()) for s in args.sweep]  # each checked with its own architecture
     full = scaling.sd15_workload("full", args.resolution_px)
     lora = scaling.sd15_workload("lora", args.resolution_px, lora_rank=8)
     command = "python benchmarks/scaling_model.py " + " ".join(argv or sys.argv[1:])
@@ -151,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         workloads = {}
         for sweep in sweeps:
             res = sweep["environment"]["plan"]["resolution_px"]
+            arch = sweep["environment"].get("arch", "sd15")
             for r in sweep["points"]:
                 key = (r["point"].get("unet_mode", "lora"), r["point"].get("lora_rank") or 8)
                 if key not in workloads:
-                    workloads[key] = scaling.sd15_workload(key[0], res, lora_rank=key[1])
+                    workloads[key] = scaling.workload(arch, key[0], res, lora_rank=key[1])
             lines += [f"## Against this machine's sweep: {sweep['environment'].get('command')}", "",
                       f"{sweep['environment'].get('device')}, {sweep['environment']['processes']} ranks, "
                       f"{res} px. The difference is the process's own overhead if the model holds: it should "

@@ -93,11 +93,13 @@ def state_bytes(stage: str, trainable: int, frozen_engine: int, world: int) -> f
     return trainable * (replicated + sharded / world) + frozen
 
 
-def buffer_bytes(stage: str) -> float:
-    """DeepSpeed's communication buckets (ds_configs: 5e7 elements): fp32 reduce bucket for stages 1-2,
-    bf16 prefetch + live gathered parameters for stage 3, none for plain data parallelism (the engine's
-    all-reduce buckets are small)."""
-    return {"0": 0.0, "1": BUCKET_ELEMENTS * 4, "2": BUCKET_ELEMENTS * 4 * 2}.get(stage, BUCKET_ELEMENTS * BF16 * 2)
+def buffer_bytes(stage: str, trainable: int, frozen_engine: int = 0) -> float:
+    """DeepSpeed's communication buckets (ds_configs: 5e7 elements, fewer when there is less to move): an fp32
+    gradient-reduce bucket for stage 1, two for stage 2 (reduce and the averaged partition), bf16 prefetch and
+    live gathered parameters, frozen ones included, for stage 3; none for plain data parallelism."""
+    if stage in ("3", "3o"):
+        return min(BUCKET_ELEMENTS, trainable + frozen_engine) * BF16 * 2
+    return {"0": 0.0, "1": 4.0, "2": 8.0}[stage] * min(BUCKET_ELEMENTS, trainable)
 
 
 def memory_per_gpu(w: Workload, stage: str, world: int, micro_batch: int, checkpointing: bool,
@@ -105,7 +107,7 @@ def memory_per_gpu(w: Workload, stage: str, world: int, micro_batch: int, checkp
     """Predicted peak bytes on one GPU (`overhead_bytes`: CUDA context, kernels, allocator slack; assumed)."""
     act = w.activation_bytes_ckpt if checkpointing else w.activation_bytes
     return (state_bytes(stage, w.trainable, w.frozen_engine, world) + w.frozen_outside * FROZEN_BYTES
-            + buffer_bytes(stage) + micro_batch * act + overhead_bytes)
+            + buffer_bytes(stage, w.trainable, w.frozen_engine) + micro_batch * act + overhead_bytes)
 
 
 def comm_bytes_per_step(w: Workload, stage: str, world: int, accum: int) -> float:

@@ -83,6 +83,6 @@ def test_the_model_is_read_against_each_measured_point_of_a_sweep(tmp_path, load
         {"name": "z0_full", "point": {**point, "zero": "0"}, "status": "does not fit",
          "config": {"train": {"precision": "bf16"}}, "memory": {"rank_peak_rss_gib": [11.0, 11.2]}}]}
     rows = [line for line in tool.sweep_check(sweep, {("full", 8): w}) if line.startswith("| `")]
-    model_z2 = (P * (4 + 16 / 2) + 10**8 * 2 + scaling.buffer_bytes("2") + 2**30) / 2**30
+    model_z2 = (P * (4 + 16 / 2) + 10**8 * 2 + scaling.buffer_bytes("2", P) + 2**30) / 2**30
     assert rows[0].split(" | ")[4:7] == ["14.00", f"{model_z2:.2f}", f"{14.0 - model_z2:+.2f}"]
     assert rows[1].endswith("| does not fit |")
