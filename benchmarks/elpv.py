@@ -157,6 +157,18 @@ def halves(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[0::2]), np.sort(order[1::2])
 
 
+def resumable_by_key(path: Path, keys: list[str], compute) -> dict:
+    """{key: compute(key)} kept in the JSON file `path` (its folder made if absent), written after each key so
+    a stopped run resumes at the first key it lacks; keys already in the file are not computed again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for key in keys:
+        if key not in done:
+            done[key] = compute(key)
+            atomic_write_json(path, done, indent=2)
+    return done
+
+
 def codec_survival(defects, goods, codec, size: int, seeds: int, steps: int, resamples: int = 2000) -> dict:
     """Do defect cells keep, through `codec` (uint8 NHWC images to images), what tells them from good ones?
     Classifiers (one per seed) train on half of `defects` and `goods` (Pairs at size x size) and score the other
@@ -396,15 +408,13 @@ def main() -> int:
     codec_sizes = [args.resolution_px] + [int(r) for r in args.time_resolutions.split(",") if r.strip()]
 
     def codec() -> None:
-        done = json.loads(codec_file.read_text()) if codec_file.is_file() else {}
         rebuild = vae_codec(base / "vae")
-        for size in codec_sizes:
-            if str(size) in done:
-                continue
+
+        def at(size: int) -> dict:
             print(f"  codec at {size} px", flush=True)
-            done[str(size)] = codec_survival(load_pool(split, size), load_pairs(shots, size, defects=False), rebuild,
-                                             size, seeds=args.codec_seeds, steps=args.steps)
-            atomic_write_json(codec_file, done, indent=2)  # one resolution at a time: a rerun resumes
+            return codec_survival(load_pool(split, size), load_pairs(shots, size, defects=False), rebuild, size,
+                                  seeds=args.codec_seeds, steps=args.steps)
+        resumable_by_key(codec_file, [str(s) for s in codec_sizes], lambda key: at(int(key)))
     stages.run("codec", codec_file.is_file() and all(str(s) in json.loads(codec_file.read_text())
                                                       for s in codec_sizes), codec)
     codec_record = json.loads(codec_file.read_text())

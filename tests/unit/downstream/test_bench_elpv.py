@@ -158,3 +158,13 @@ def test_the_codec_table_has_a_row_per_size_with_its_verdict(bench, codec_split)
     rows = [line for line in lines if line.startswith("| 32 ") or line.startswith("| 128 ")]
     assert [row.split()[1] for row in rows] == ["32", "128"]
     assert all(row.count("no detectable difference") == 2 for row in rows)
+
+
+def test_a_resumable_stage_makes_its_folder_and_computes_only_what_it_lacks(bench, tmp_path):
+    path = tmp_path / "codec" / "survival.json"  # a fresh work folder: no codec/ yet
+    computed = []
+    assert bench.resumable_by_key(path, ["64", "96"], lambda k: computed.append(k) or {"px": int(k)}) == {
+        "64": {"px": 64}, "96": {"px": 96}}
+    assert bench.resumable_by_key(path, ["64", "96", "128"], lambda k: computed.append(k) or {"px": int(k)})["128"]
+    assert computed == ["64", "96", "128"]
+    assert json.loads(path.read_text())["128"] == {"px": 128}
