@@ -56,10 +56,13 @@ FINETUNE_STEPS = 600  # configs/elpv.toml's train.max_steps
 
 
 class Stages:
-    """Runs the stages in order, logs each command's output to WORK/elpv.log and times each stage."""
+    """Runs the stages in order, logs each command's output to WORK/elpv.log and times each stage. The times
+    are written to WORK/stage-times.json as each stage ends, so a run stopped later, and then resumed with
+    that stage skipped, still reports it."""
 
     def __init__(self, work: Path):
-        self.work, self.log, self.times = work, work / "elpv.log", {}
+        self.work, self.log, self.times_file = work, work / "elpv.log", work / "stage-times.json"
+        self.times = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.bin = Path(sys.executable).parent
 
     def sh(self, *cmd: str) -> None:
@@ -80,6 +83,7 @@ class Stages:
         started = time.time()
         body()
         self.times[name] = round(time.time() - started, 1)
+        atomic_write_json(self.times_file, self.times, indent=2)
         print(f"{name}: {self.times[name]:.0f} s", flush=True)
 
     def tool(self, *args: str) -> None:
@@ -422,9 +426,7 @@ def main() -> int:
     stem = f"elpv-{datetime.date.today().isoformat()}{'-' + args.tag if args.tag else ''}"
     picture(shots, generated, work / f"{stem}.png")
     record = json.loads((evaluation / "downstream.json").read_text())
-    times_file = work / "stage-times.json"  # kept across resumed runs: a skipped stage keeps its first time
-    times = (json.loads(times_file.read_text()) if times_file.is_file() else {}) | stages.times
-    atomic_write_json(times_file, times, indent=2)
+    times = stages.times  # kept across resumed runs: a skipped stage keeps its first time
     split_record = json.loads((split / "split.json").read_text())
     base_log = [json.loads(line) for line in (base / "train_log.jsonl").read_text().splitlines() if line.strip()]
     record["benchmark"] = {

@@ -168,3 +168,19 @@ def test_a_resumable_stage_makes_its_folder_and_computes_only_what_it_lacks(benc
     assert bench.resumable_by_key(path, ["64", "96", "128"], lambda k: computed.append(k) or {"px": int(k)})["128"]
     assert computed == ["64", "96", "128"]
     assert json.loads(path.read_text())["128"] == {"px": 128}
+
+
+def test_each_stage_time_is_kept_as_it_ends_so_a_run_that_fails_later_still_reports_it(bench, tmp_path):
+    stages = bench.Stages(tmp_path)
+    stages.run("base", False, lambda: None)
+
+    def fails() -> None:
+        raise SystemExit("stage failed")
+
+    with pytest.raises(SystemExit):
+        stages.run("codec", False, fails)
+    resumed = bench.Stages(tmp_path)  # the rerun: base is skipped and keeps its time
+    resumed.run("base", True, lambda: None)
+    resumed.run("codec", False, lambda: None)
+    assert list(resumed.times) == ["base", "codec"]
+    assert json.loads((tmp_path / "stage-times.json").read_text()).keys() == {"base", "codec"}
