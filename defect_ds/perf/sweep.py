@@ -130,6 +130,15 @@ def expand_grid(axes: dict[str, list], grid: str = "product") -> list[Point]:
     return _distinct(points)
 
 
+def at_global_batch(points: list[Point], global_batch: int, num_gpus: int) -> list[Point]:
+    """The points whose micro batch x accumulation x processes is `global_batch`; none is an error."""
+    kept = [p for p in points if p.micro_batch * p.accum * num_gpus == global_batch]
+    if not kept:
+        raise ValueError(f"--global-batch {global_batch}: no --micro-batch x --accum pair times {num_gpus} "
+                         "processes gives it.")
+    return kept
+
+
 def _distinct(points: list[Point]) -> list[Point]:
     """The rank means nothing when every UNet weight trains: full points differ in it only in name."""
     seen, out = set(), []
@@ -502,6 +511,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", default="off", help="precomputed latents: off, on or off,on")
     p.add_argument("--unet-mode", default="lora", help="what of the UNet trains: lora, full or lora,full")
     p.add_argument("--lora-rank", default="0", help="LoRA ranks, comma-separated (0: the run config's)")
+    p.add_argument("--global-batch", type=int, default=0,
+                   help="keep only the micro batch x accumulation pairs giving this many images per step "
+                   "(with --grid product: accumulation at a fixed global batch)")
     p.add_argument("--grid", choices=("product", "around-base"), default="product",
                    help="every combination, or the base (first values) and one axis changed at a time")
     p.add_argument("--model", help="diffusers model folder (default work/tiny-sd or work/sd15)")
@@ -556,6 +568,8 @@ def run(args: argparse.Namespace, command_line: str | None = None) -> int:
                          "--warmup-intervals 0 or more.")
     points = expand_grid(parse_axes(args.zero, args.accum, args.micro_batch, args.checkpointing, args.latents,
                                     args.unet_mode, args.lora_rank), args.grid)
+    if args.global_batch:  # accumulation at a fixed global batch: keep the pairs that multiply to it
+        points = at_global_batch(points, args.global_batch, plan.num_gpus)
     profiled = _find_point(points, args.profile_point) if args.profile_point else None
     for point in points:  # a bad override fails here, in the first second, not in point 7
         load_config(plan.config, point_overrides(point, plan, point == profiled))

@@ -274,3 +274,11 @@ def test_points_that_do_not_fit_are_marked_and_every_ranks_peak_is_shown(tmp_pat
     assert full_row["peak RSS per rank GiB"] == "10.5 / 10.5" and full_row["UNet"] == "full"
     assert full_row["ZeRO"] == "0 (plain DP)" and full_row["status"].startswith("**does not fit**: the ranks held")
     assert "less than 1.5 GiB" in md and "## Points that failed or did not fit" in md
+
+
+def test_a_fixed_global_batch_keeps_the_pairs_that_multiply_to_it():
+    points = sweep.expand_grid(sweep.parse_axes("2", "1,2,4,8", "1,2,4,8", "off", "off"), "product")
+    kept = sweep.at_global_batch(points, 16, 2)
+    assert sorted((p.micro_batch, p.accum) for p in kept) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    with pytest.raises(ValueError, match="--global-batch 3"):
+        sweep.at_global_batch(points, 3, 2)
