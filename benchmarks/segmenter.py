@@ -2,7 +2,7 @@
 
     python benchmarks/segmenter.py work/downstream work/downstream-val --configs 8x300,8x300:ema=0.99,16x300
 
-Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N) trains the `real` and `copy-paste` arms on the shots of SPLIT with SEEDS seeds
+Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N, :flips=1) trains the `real` and `copy-paste` arms on the shots of SPLIT with SEEDS seeds
 and scores them on VALIDATION: the test side of a split of an independent draw of the same data set (for
 the synthetic set, `defect-ds prepare synthetic --seed 2`), standing in for the user's own validation
 images. Reported per config: each arm's per-seed pixel AP, its spread and worst seed (a collapse shows
@@ -29,22 +29,32 @@ ARMS = ("real", "copy-paste")
 
 
 def parse_config(config: str, batch_size: int) -> SegmenterSettings:
-    """"8x300:ema=0.99:lr=1e-3:batch=16" -> SegmenterSettings (width 8, 300 steps, ...)."""
+    """"8x300:ema=0.99:lr=1e-3:batch=16:flips=1" -> SegmenterSettings (width 8, 300 steps, ...)."""
     size, *options = config.split(":")
     width, steps = (int(v) for v in size.split("x"))
     extra = dict(option.split("=") for option in options)
-    unknown = set(extra) - {"ema", "lr", "batch"}
+    unknown = set(extra) - {"ema", "lr", "batch", "flips"}
     if unknown:
-        raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr or batch.")
+        raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr, batch or flips.")
     return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width,
-                             learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)))
+                             learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)),
+                             flips=extra.get("flips", "0") not in ("0", "false", "no"))
+
+
+def arm_record(per_seed: list[dict]) -> dict:
+    """One arm's per-seed pixel AP, its mean, spread and worst seed, and the mean per defect type."""
+    ap = np.array([s["all"]["pixel_ap"] for s in per_seed])
+    return {"pixel_ap": ap.round(4).tolist(), "mean": round(float(ap.mean()), 4), "std": round(float(ap.std()), 4),
+            "worst": round(float(ap.min()), 4),
+            "by_type": {t: round(float(np.mean([s[t]["pixel_ap"] for s in per_seed])), 4)
+                        for t in per_seed[0] if t != "all"}}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("split", help="the split whose shots train the segmenters (`defect-ds downstream split`)")
     p.add_argument("validation", help="a split of an independent draw; its test side scores them")
-    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N]")
+    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N][:flips=1]")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--arms", default=",".join(ARMS), help="real, copy-paste or both (the difference needs both)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -66,9 +76,11 @@ def main() -> int:
         settings = parse_config(config, args.batch_size)
         per_seed = {a: [None] * args.seeds for a in arms}
         evidence_by = {a: [None] * args.seeds for a in arms}
+        unflipped = {a: [None] * args.seeds for a in arms}  # with flips: the same nets scored without them
 
         def done(o) -> None:
             per_seed[o.arm][o.seed], evidence_by[o.arm][o.seed] = o.scores, o.evidence
+            unflipped[o.arm][o.seed] = o.unflipped
 
         started = time.time()
         run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
@@ -80,11 +92,15 @@ def main() -> int:
                   "seconds_per_segmenter": round(seconds * args.workers / (len(arms) * args.seeds), 1),
                   "copy_paste_minus_real": diff, "arms": {}}
         for a in arms:
-            ap = np.array([s["all"]["pixel_ap"] for s in per_seed[a]])
-            record["arms"][a] = {"pixel_ap": ap.round(4).tolist(), "mean": round(float(ap.mean()), 4),
-                                 "std": round(float(ap.std()), 4), "worst": round(float(ap.min()), 4),
-                                 "by_type": {t: round(float(np.mean([s[t]["pixel_ap"] for s in per_seed[a]])), 4)
-                                             for t in per_seed[a][0] if t != "all"}}
+            record["arms"][a] = arm_record(per_seed[a])
+        if settings.flips and all(u is not None for a in arms for u in unflipped[a]):
+            # the flips' own effect, paired: the same segmenters, the same test images (segmenters kept
+            # before scores without flips were kept beside them have none)
+            record["unflipped"] = {a: arm_record([u[0] for u in unflipped[a]]) for a in arms}
+            record["flips_minus_unflipped"] = {
+                a: [c for c in compare({"flips": evidence_by[a], "unflipped": [u[1] for u in unflipped[a]]},
+                                       data.test.types, baselines=("unflipped",), metrics=("pixel_ap",))
+                    if c["type"] == "all"][0] for a in arms}
         results["configs"][config] = record
         print(config, json.dumps(record), flush=True)
     results["environment"] = environment()
@@ -103,6 +119,16 @@ def main() -> int:
         d = r["copy_paste_minus_real"]
         difference = f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "-"
         lines.append(f"| {config} | {' | '.join(cells)} | {difference} | {r['seconds_per_segmenter']} |")
+        if "unflipped" in r:
+            cells = [f"{r['unflipped'][a]['mean']:.3f} ± {r['unflipped'][a]['std']:.3f} ({r['unflipped'][a]['worst']:.3f})"
+                     for a in arms]
+            lines.append(f"| {config}, the same nets without flips | {' | '.join(cells)} | - | - |")
+    flipped = {c: r["flips_minus_unflipped"] for c, r in results["configs"].items() if "flips_minus_unflipped" in r}
+    if flipped:
+        lines += ["", "Flips minus no flips, the same segmenters (pixel AP, 95% interval over seeds and images):", ""]
+        for c, per_arm in flipped.items():
+            lines.append(f"- {c}: " + "; ".join(f"{a} {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                                                 f"{d['verdict']}" for a, d in per_arm.items()))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.{{json,md}}")
     return 0

@@ -44,6 +44,7 @@ class SegmenterSettings:
     learning_rate: float = 2e-3
     ema_decay: float = 0.0
     task: str = "segment"  # or "classify": a DefectClassifier scored on image labels
+    flips: bool = False  # score the mean over the test image's flips (`predict(flips=True)`)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Outcome:
     scores: dict[str, dict[str, float]]
     evidence: Evidence
     grid: np.ndarray | None  # predicted probabilities of the grid rows (seed 0 of a segmenter only)
+    # with flips: the same segmenter scored on the test images alone (no flips), for a paired comparison
+    unflipped: tuple[dict[str, dict[str, float]], Evidence] | None = None
 
 
 _STATE: dict = {}
@@ -87,12 +90,14 @@ def _run(arm: str, seed: int) -> Outcome:
     net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
                           batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss,
                           learning_rate=settings.learning_rate, ema_decay=settings.ema_decay, task=settings.task)
-    probs = predict(net, data.test.images)
-    scores = score_by_type(probs, data.test.masks, data.test.types, task=settings.task)
-    if settings.task == "classify":
-        return Outcome(arm, seed, scores, image_evidence(probs, np.array(data.test.types) != GOOD), None)
-    grid = probs[_STATE["grid_rows"]] if seed == 0 else None
-    return Outcome(arm, seed, scores, evidence(probs, data.test.masks), grid)
+    outcomes = []
+    for flips in ((False, True) if settings.flips else (False,)):
+        probs = predict(net, data.test.images, flips=flips)
+        scores = score_by_type(probs, data.test.masks, data.test.types, task=settings.task)
+        outcomes.append((scores, image_evidence(probs, np.array(data.test.types) != GOOD)
+                         if settings.task == "classify" else evidence(probs, data.test.masks)))
+    grid = probs[_STATE["grid_rows"]] if seed == 0 and settings.task == "segment" else None
+    return Outcome(arm, seed, *outcomes[-1], grid, unflipped=outcomes[0] if settings.flips else None)
 
 
 def default_workers() -> int:
@@ -103,10 +108,11 @@ def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]
     """A name for what decides one arm's outcomes: the shots, good images, test set, the arm's own generated
     pairs (or pool, for all-real) and the settings. Other arms' data stay out of it, so an evaluation with
     more or fewer arms (the demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in
-    common. The segment task hashes its settings as it did before `task` existed, so kept segmenters stay valid."""
+    common. Settings added later (`task`, `flips`) stay out of the hash at their defaults, so kept segmenters stay valid."""
     named_settings = dataclasses.asdict(settings)
-    if named_settings["task"] == "segment":
-        del named_settings["task"]
+    for name, default in (("task", "segment"), ("flips", False)):
+        if named_settings[name] == default:
+            del named_settings[name]
     h = hashlib.sha256(repr((named_settings, grid_rows, arm)).encode())
     named = [("shots", data.shots), ("test", data.test)]
     if arm in data.generated:

@@ -173,8 +173,22 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+FLIPS = ((), (3,), (2,), (2, 3))  # none, left-right, up-down, both: the flips the training jitter draws
+
+
 @torch.no_grad()
-def predict(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Defect probability per pixel, float32 (N, H, W), or per image (N,) from a `DefectClassifier`."""
-    out = [torch.sigmoid(net(to_tensor(images[i:i + batch_size])))[:, 0] for i in range(0, len(images), batch_size)]
+def predict(net: nn.Module, images: np.ndarray, batch_size: int = 64, flips: bool = False) -> np.ndarray:
+    """Defect probability per pixel, float32 (N, H, W), or per image (N,) from a `DefectClassifier`.
+    flips: the mean probability over the image and its three flips (test-time augmentation), each pixel's
+    map flipped back to the image's own orientation."""
+    def probability(x: torch.Tensor) -> torch.Tensor:
+        if not flips:
+            return torch.sigmoid(net(x))[:, 0]
+        maps = []
+        for dims in FLIPS:
+            p = torch.sigmoid(net(torch.flip(x, dims) if dims else x))
+            maps.append(torch.flip(p, dims) if dims and p.ndim == 4 else p)
+        return torch.stack(maps).mean(dim=0)[:, 0]
+
+    out = [probability(to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()

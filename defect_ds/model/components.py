@@ -63,13 +63,17 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_components(cfg: ModelConfig) -> Components:
-    """Loads UNet, VAE, text encoder, tokenizer and the DDPM training scheduler, all frozen, fp32."""
+def load_components(cfg: ModelConfig, zero3_config: dict | None = None) -> Components:
+    """Loads UNet, VAE, text encoder, tokenizer and the DDPM training scheduler, all frozen, fp32.
+    zero3_config: a ZeRO-3 DeepSpeed config; the UNet is then partitioned as it loads (`load_unet_partitioned`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_model_dir(cfg.pretrained_dir)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    if zero3_config is not None and (path / "unet" / WEIGHT_FILES["unet"][0]).is_file():
+        unet = load_unet_partitioned(path, zero3_config)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
@@ -77,6 +81,37 @@ def load_components(cfg: ModelConfig) -> Components:
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     return Components(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def load_unet_partitioned(path: Path, zero3_config: dict) -> nn.Module:
+    """The UNet of a model folder with every weight partitioned across the ranks as it is made
+    (`deepspeed.zero.Init`), then filled one tensor at a time from the safetensors file: no rank holds the
+    whole UNet at any time, where `from_pretrained` would put all of it on every rank before the engine
+    partitions it (for SD 1.5, 3.4 GB of fp32 per rank at start-up; docs/scaling.md). Rank 0 reads each
+    tensor and DeepSpeed scatters it. torch's random state is left as it was, so adapters and tokens drawn
+    after this are the same as after `from_pretrained`."""
+    import deepspeed
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    file = path / "unet" / WEIGHT_FILES["unet"][0]
+    config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    with torch.random.fork_rng(devices=[]), deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        unet = UNet2DConditionModel.from_config(config)  # random weights, each partitioned as its module ends
+    params = dict(unet.named_parameters())
+    writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    with safe_open(file, framework="pt") as weights:
+        names = sorted(weights.keys())
+        missing, unexpected = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"{file} does not match its config.json: {len(missing)} weights missing "
+                             f"({', '.join(missing[:3]) or 'none'}) and {len(unexpected)} unexpected "
+                             f"({', '.join(unexpected[:3]) or 'none'}).")
+        for name in names:
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if writer:
+                    params[name].data.copy_(weights.get_tensor(name))
+    return unet
 
 
 def add_lora(unet: nn.Module, cfg: LoraConfig) -> None:
@@ -101,7 +136,8 @@ def set_trainable(unet: nn.Module, text_encoder: nn.Module, unet_mode: str) -> l
             p.requires_grad_(True)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     for p in params:
-        p.data = p.data.float()
+        if not hasattr(p, "ds_id"):  # partitioned (ZeRO-3): DeepSpeed keeps the fp32 master of its part
+            p.data = p.data.float()
     return params
 
 

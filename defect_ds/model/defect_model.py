@@ -169,12 +169,15 @@ class DefectDiffusionModel(nn.Module):
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInversionConfig,
                 loss_cfg: LossConfig, *, tokens: list[str], compute_dtype: torch.dtype = torch.float32,
-                device: torch.device = torch.device("cpu"), defer_layout: bool = False) -> DefectDiffusionModel:
+                device: torch.device = torch.device("cpu"), defer_layout: bool = False,
+                zero3_config: dict | None = None) -> DefectDiffusionModel:
     """The trainable model: LoRA adapters, learned tokens, what trains, frozen weights in the compute dtype,
     mask gating. Seed torch first: new adapter weights are drawn here (the same on every rank).
     defer_layout: leave the UNet contiguous; the caller calls `use_channels_last()` later (DeepSpeed's
-    CPU broadcast at initialisation cannot send bf16 weights in channels_last)."""
-    parts = load_components(model_cfg)
+    CPU broadcast at initialisation cannot send bf16 weights in channels_last).
+    zero3_config: the run's ZeRO-3 DeepSpeed config: the UNet's weights are partitioned as they load, in
+    the dtype DeepSpeed keeps them in (the engine would cast them to it too)."""
+    parts = load_components(model_cfg, zero3_config)
     unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
     if model_cfg.unet_mode == "lora":
         add_lora(unet, lora_cfg)
@@ -185,7 +188,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, ti_cfg: TextualInv
         unet.enable_gradient_checkpointing()
     for module in (unet, text_encoder, vae):  # frozen weights in the compute dtype
         for p in module.parameters():
-            if not p.requires_grad:
+            if not p.requires_grad and not hasattr(p, "ds_id"):  # a partitioned weight keeps DeepSpeed's dtype
                 p.data = p.data.to(compute_dtype)
     channels_last = model_cfg.channels_last
     vae.to(device).eval()

@@ -71,7 +71,8 @@ class Trainer:
         with quiet_libraries():  # loading bars and notices of the model's parts
             model = build_model(cfg.model, cfg.lora, cfg.textual_inversion, cfg.loss, tokens=tokens,
                                 compute_dtype=resolve_dtype(cfg.train.precision, device), device=device,
-                                defer_layout=True)
+                                defer_layout=True,
+                                zero3_config=self.ds_config if zero_stage(self.ds_config) == 3 else None)
         optimizer = self._optimizer(model, device)
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._schedule(optimizer), config=self.ds_config)

@@ -472,6 +472,57 @@ def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves
     assert steps == list(range(1, stop + 3))
 
 
+# ZeRO-3 full fine-tuning: the UNet is partitioned as it loads, and what each rank holds is the base's weights.
+ZERO3_FULL_CHECK = """
+import json, sys
+import torch
+sys.path.insert(0, {root!r})
+import deepspeed
+from safetensors.torch import load_file
+from defect_ds.config import load_config
+from defect_ds.train.distributed import init_distributed
+from defect_ds.train.trainer import Trainer
+from train import parse_args
+
+cfg = load_config(*parse_args(sys.argv[1:]))
+info = init_distributed()
+trainer = Trainer(cfg, info)
+trainer.setup()
+unet = trainer.engine.module.unet
+base = load_file(cfg.model.pretrained_dir + "/unet/diffusion_pytorch_model.safetensors")
+params = dict(unet.named_parameters())
+largest = max(params, key=lambda n: params[n].ds_numel)
+held = params[largest].ds_tensor.numel()
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    same = all(torch.equal(p.float(), base[n]) for n, p in params.items())
+trainer.train()
+if info.rank == 0:
+    json.dump({{"held": held, "whole": params[largest].ds_numel, "same_as_base": same}},
+              open(cfg.logging.run_dir + "/zero3_full_check.json", "w"))
+"""
+
+
+def test_zero3_full_fine_tuning_partitions_the_unet_as_it_loads(tiny_model_dir, data_dir, tmp_path):
+    """Under ZeRO-3 each rank makes only its part of every UNet weight and fills it from the base's file
+    (deepspeed.zero.Init), so no rank holds the whole UNet at start-up; training and the export go on."""
+    from diffusers import UNet2DConditionModel
+
+    run = tmp_path / "z3full"
+    script = tmp_path / "zero3_full_check.py"
+    script.write_text(ZERO3_FULL_CHECK.format(root=str(ROOT)))
+    args = common_args(tiny_model_dir, data_dir, run, train__max_steps=2, checkpoint__every_steps=0,
+                       checkpoint__save_final="false", train__ds_config="ds_configs/zero3.json",
+                       model__unet_mode="full", textual_inversion__enabled="false")
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(net.free_port()), str(script), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check = json.loads((run / "zero3_full_check.json").read_text())
+    assert check["same_as_base"] and check["held"] == -(-check["whole"] // 2), check  # half of it on each rank
+    trained = UNet2DConditionModel.from_pretrained(run / "export" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
+
+
 # One process resumes a checkpoint that 2 processes saved: the weights it loaded, exported as a step's export is,
 # then two more steps.
 RESUME_CHECK = """

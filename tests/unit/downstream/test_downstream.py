@@ -12,7 +12,7 @@ import torch
 
 from defect_ds.cli import main
 from defect_ds.downstream.arms import ArmSampler, Pairs, paste
-from defect_ds.downstream.segmenter import jitter_batch, to_tensor
+from defect_ds.downstream.segmenter import jitter_batch, predict, to_tensor
 from defect_ds.downstream.scores import score, score_by_type
 from defect_ds.downstream.split import choose
 from defect_ds.data.reader import iter_dataset
@@ -90,6 +90,27 @@ def test_jitter_keeps_masks_binary_and_aligned():
         m = out_mask[i, 0] == 1
         assert m.any() and out_image[i, :, m].mean() > 200 / 127.5 - 1  # the defect pixels moved with their mask
     assert not torch.equal(out_mask[0], out_mask[1])  # each sample drew its own jitter
+
+
+class _LeftLeaning(torch.nn.Module):
+    """Logits = the image's red channel plus a ramp that rises to the right: not flip-equivariant."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-1, 1, x.shape[-1]).expand_as(x[:, :1])
+        return x[:, :1] * 4 + ramp * 2
+
+
+def test_flip_averaged_prediction_maps_each_flip_back_onto_the_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    net = _LeftLeaning()
+    plain, averaged = predict(net, images), predict(net, images, flips=True)
+    x = to_tensor(images)[:, :1] * 4
+    ramp = torch.linspace(-1, 1, 8) * 2
+    # the ramp's left-right flips cancel in the mean, the image's own pattern stays where it is
+    expected = (torch.sigmoid(x + ramp) + torch.sigmoid(x - ramp)) / 2
+    assert np.allclose(averaged, expected[:, 0].numpy(), atol=1e-6)
+    assert not np.allclose(plain, averaged, atol=1e-3)
 
 
 def test_arm_samplers_draw_from_their_own_source():
@@ -370,3 +391,20 @@ def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_
     reused = runner.run_jobs([("real", 0), ("generated", 0), ("real", 2)], data, settings, workers=1, grid_rows=[0],
                              cache_dir=tmp_path, on_done=lambda o: None)
     assert reused == 1 and trained == [("generated", 0), ("real", 2)]
+
+
+def test_segmenter_benchmark_scores_flips_and_the_same_nets_without_them(split_dir, tmp_path, load_script,
+                                                                         monkeypatch):
+    bench = load_script("benchmarks/segmenter.py")
+    monkeypatch.setattr("sys.argv", ["segmenter.py", str(split_dir), str(split_dir), "--configs", "8x3:flips=1",
+                                     "--seeds", "2", "--workers", "1", "--out", str(tmp_path),
+                                     "--cache", str(tmp_path / "cache"), "--tag", "t"])
+    assert bench.main() == 0
+    record = json.loads(next(tmp_path.glob("segmenter-*-t.json")).read_text())["configs"]["8x3:flips=1"]
+    assert record["settings"]["flips"] is True
+    for arm in ("real", "copy-paste"):
+        flipped, plain = record["arms"][arm]["pixel_ap"], record["unflipped"][arm]["pixel_ap"]
+        assert len(flipped) == len(plain) == 2 and flipped != plain  # one training, scored both ways
+        d = record["flips_minus_unflipped"][arm]
+        assert d["baseline"] == "unflipped" and d["ci_low"] <= d["difference"] <= d["ci_high"]
+    assert "the same nets without flips" in next(tmp_path.glob("segmenter-*-t.md")).read_text()
