@@ -21,6 +21,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import pickle
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class Outcome:
     grid: np.ndarray | None  # predicted probabilities of the grid rows (seed 0 of a segmenter only)
     # with flips: the same segmenter scored on the test images alone (no flips), for a paired comparison
     unflipped: tuple[dict[str, dict[str, float]], Evidence] | None = None
+    seconds: float | None = None  # training and scoring, in its worker (kept with the outcome, so a reuse keeps it)
 
 
 _STATE: dict = {}
@@ -81,6 +83,7 @@ def _init(data: ArmData, settings: SegmenterSettings, grid_rows: list[int], thre
 def _run(arm: str, seed: int) -> Outcome:
     from defect_ds.downstream.segmenter import predict, train_segmenter
 
+    started = time.perf_counter()
     data, settings = _STATE["data"], _STATE["settings"]
     sampler = _STATE["samplers"].get(arm)
     if sampler is None:
@@ -97,7 +100,8 @@ def _run(arm: str, seed: int) -> Outcome:
         outcomes.append((scores, image_evidence(probs, np.array(data.test.types) != GOOD)
                          if settings.task == "classify" else evidence(probs, data.test.masks)))
     grid = probs[_STATE["grid_rows"]] if seed == 0 and settings.task == "segment" else None
-    return Outcome(arm, seed, *outcomes[-1], grid, unflipped=outcomes[0] if settings.flips else None)
+    return Outcome(arm, seed, *outcomes[-1], grid, unflipped=outcomes[0] if settings.flips else None,
+                   seconds=time.perf_counter() - started)
 
 
 def default_workers() -> int:

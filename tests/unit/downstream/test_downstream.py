@@ -402,6 +402,9 @@ def test_segmenter_benchmark_scores_flips_and_the_same_nets_without_them(split_d
     assert bench.main() == 0
     record = json.loads(next(tmp_path.glob("segmenter-*-t.json")).read_text())["configs"]["8x3:flips=1"]
     assert record["settings"]["flips"] is True
+    assert bench.main() == 0  # from the kept segmenters: the same figures, their training time kept
+    assert json.loads(next(tmp_path.glob("segmenter-*-t.json")).read_text())["configs"]["8x3:flips=1"] == record
+    assert record["seconds_per_segmenter"] > 0
     for arm in ("real", "copy-paste"):
         flipped, plain = record["arms"][arm]["pixel_ap"], record["unflipped"][arm]["pixel_ap"]
         assert len(flipped) == len(plain) == 2 and flipped != plain  # one training, scored both ways
