@@ -86,14 +86,14 @@ def main() -> int:
                 seconds_each.append(o.seconds)
 
         started = time.time()
-        run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
+        reused = run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
                  settings, workers=args.workers, grid_rows=[], on_done=done, cache_dir=Path(args.cache))
         seconds = time.time() - started
         diff = ([c for c in compare(evidence_by, data.test.types, baselines=("real",), metrics=("pixel_ap",))
                  if c["type"] == "all"][0] if len(arms) == 2 else None)
         record = {"settings": dataclasses.asdict(settings),
-                  "seconds_per_segmenter": round(float(np.mean(seconds_each)) if seconds_each
-                                                 else seconds * args.workers / (len(arms) * args.seeds), 1),
+                  "seconds_per_segmenter": (round(float(np.mean(seconds_each)), 1) if seconds_each else None
+                                            if reused else round(seconds * args.workers / (len(arms) * args.seeds), 1)),
                   "copy_paste_minus_real": diff, "arms": {}}
         for a in arms:
             record["arms"][a] = arm_record(per_seed[a])
@@ -122,7 +122,7 @@ def main() -> int:
         cells = [f"{r['arms'][a]['mean']:.3f} ± {r['arms'][a]['std']:.3f} ({r['arms'][a]['worst']:.3f})" for a in arms]
         d = r["copy_paste_minus_real"]
         difference = f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "-"
-        lines.append(f"| {config} | {' | '.join(cells)} | {difference} | {r['seconds_per_segmenter']} |")
+        lines.append(f"| {config} | {' | '.join(cells)} | {difference} | {r['seconds_per_segmenter'] or '-'} |")
         if "unflipped" in r:
             cells = [f"{r['unflipped'][a]['mean']:.3f} ± {r['unflipped'][a]['std']:.3f} ({r['unflipped'][a]['worst']:.3f})"
                      for a in arms]
