@@ -33,7 +33,7 @@ from defect_ds.downstream import report
 from defect_ds.downstream.cli import environment, load_pairs, load_test
 from defect_ds.downstream.compare import compare
 from defect_ds.downstream.runner import ArmData, SegmenterSettings, default_workers, run_jobs
-from defect_ds.downstream.cli import STEPS, WIDTH
+from defect_ds.downstream.cli import FLIPS, STEPS, WIDTH
 
 TYPES = ("crack", "scratch", "spot")
 WORDS = ",".join(f"{t}={t}" for t in TYPES)
@@ -152,7 +152,7 @@ def main() -> int:
         per_seed[v][outcome.seed], evidence_by[v][outcome.seed] = outcome.scores, outcome.evidence
         print(f"  scored {v} seed {outcome.seed}", flush=True)
 
-    run_jobs(jobs, data, SegmenterSettings(args.steps, 16, args.width), workers=args.workers, grid_rows=[],
+    run_jobs(jobs, data, SegmenterSettings(args.steps, 16, args.width, flips=FLIPS), workers=args.workers, grid_rows=[],
              on_done=done)
     comparisons = compare(evidence_by, test.types, baselines=("full",))
     results = {"settings": {"arm": args.arm, "seeds": args.seeds, "steps": args.steps, "width": args.width,

@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                       "be about the same for every point.", "", *sweep_check(sweep, workloads), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({
+    out.with_name(out.name + ".md").write_text("\n".join(lines))
+    out.with_name(out.name + ".json").write_text(json.dumps({
         "workloads": [asdict(full), asdict(lora)], "devices": [asdict(d) for d in scaling.DEVICES],
         "state_bytes": scaling.STATE_BYTES, "global_batch": args.global_batch, "mfu": args.mfu,
         "choices": [asdict(c) for d in scaling.DEVICES for w in (full, lora) for world in WORLDS

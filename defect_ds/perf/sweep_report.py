@@ -11,12 +11,14 @@ ZERO_NAMES = {"0": "0 (plain DP)", "3o": "3 + offload"}
 
 
 def write_results(results: list[dict[str, Any]], info: dict[str, Any], out: str | Path) -> None:
-    """Writes OUT.json, OUT.md and OUT.png (OUT is a path without suffix)."""
+    """Writes OUT.json, OUT.md and OUT.png (OUT is a path without suffix; a dot in it, as in
+    `...-reserve-0.75`, is part of the name)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"environment": info, "points": results}, indent=1) + "\n")
-    write_plot(results, info, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(results, info, out.with_suffix(".png").name))
+    json_path, png, md = (out.with_name(out.name + suffix) for suffix in (".json", ".png", ".md"))
+    json_path.write_text(json.dumps({"environment": info, "points": results}, indent=1) + "\n")
+    write_plot(results, info, png)
+    md.write_text(markdown(results, info, png.name))
 
 
 # ---- the table ----------------------------------------------------------------------------------

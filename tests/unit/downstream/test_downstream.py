@@ -152,6 +152,7 @@ def test_eval_writes_every_report(split_dir, tmp_path):
                  "--resolution-px", "32", "--no-progress"]) == 0
     results = json.loads((out / "downstream.json").read_text())
     assert set(results["arms"]) == {"real", "copy-paste", "generated"}
+    assert results["settings"]["flips"] is True  # scored as the mean over each test image's flips by default
     summary = results["arms"]["real"]["summary"]
     assert set(summary["all"]) == {"pixel_ap", "pixel_auroc", "pixel_f1_max", "iou", "image_auroc"}
     assert {"crack", "scratch", "spot"} <= set(summary) and len(results["arms"]["real"]["per_seed"]) == 2

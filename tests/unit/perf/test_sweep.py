@@ -167,6 +167,13 @@ def test_without_a_peak_figure_mfu_is_left_blank(tmp_path):
     assert row["MFU"] == row["HFU"] == "-" and row["TFLOP/s/dev"] == "150"
 
 
+def test_a_dot_in_the_output_name_stays_part_of_it(tmp_path):
+    results, info = fabricated_results()
+    write_results(results[:1], info, tmp_path / "sweep-reserve-0.75-amx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "sweep-reserve-0.75-amx.json", "sweep-reserve-0.75-amx.md", "sweep-reserve-0.75-amx.png"]
+
+
 def test_config_diff_lists_only_changed_fields():
     base = {"train": {"micro_batch_size": 4, "seed": 0}, "model": {"activation_checkpointing": True}}
     other = {"train": {"micro_batch_size": 8, "seed": 0}, "model": {"activation_checkpointing": True}}
