@@ -162,22 +162,26 @@ def test_resume_on_latent_shards_matches_the_straight_run_whatever_the_worker_co
         assert losses(parts) == losses(straight), workers
 
 
-ZERO3_CHECK = """
+# The start of a script run under `deepspeed`: a Trainer of the run's config, set up (engine built).
+TRAINER_SET_UP = """
 import json, sys
 import torch
 sys.path.insert(0, {root!r})
 import deepspeed
 from defect_ds.config import load_config
 from defect_ds.train.distributed import init_distributed
-from defect_ds.model.components import load_components
 from defect_ds.train.trainer import Trainer
-
 from train import parse_args
 
 cfg = load_config(*parse_args(sys.argv[1:]))
 info = init_distributed()
 trainer = Trainer(cfg, info)
 trainer.setup()
+"""
+
+ZERO3_CHECK = TRAINER_SET_UP + """
+from defect_ds.model.components import load_components
+
 model = trainer.engine.module
 base = model.text_encoder.get_input_embeddings().base.weight
 learned = model.text_encoder.get_input_embeddings().learned_vectors
@@ -473,21 +477,9 @@ def test_ctrl_c_stops_at_a_committed_step_and_a_resume_refuses_changes_and_moves
 
 
 # ZeRO-3 full fine-tuning: the UNet is partitioned as it loads, and what each rank holds is the base's weights.
-ZERO3_FULL_CHECK = """
-import json, sys
-import torch
-sys.path.insert(0, {root!r})
-import deepspeed
+ZERO3_FULL_CHECK = TRAINER_SET_UP + """
 from safetensors.torch import load_file
-from defect_ds.config import load_config
-from defect_ds.train.distributed import init_distributed
-from defect_ds.train.trainer import Trainer
-from train import parse_args
 
-cfg = load_config(*parse_args(sys.argv[1:]))
-info = init_distributed()
-trainer = Trainer(cfg, info)
-trainer.setup()
 unet = trainer.engine.module.unet
 base = load_file(cfg.model.pretrained_dir + "/unet/diffusion_pytorch_model.safetensors")
 params = dict(unet.named_parameters())
