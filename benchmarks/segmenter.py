@@ -2,12 +2,12 @@
 
     python benchmarks/segmenter.py work/downstream work/downstream-val --configs 8x300,8x300:ema=0.99,16x300
 
-Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N, :flips=1) trains the `real` and `copy-paste` arms on the shots of SPLIT with SEEDS seeds
-and scores them on VALIDATION: the test side of a split of an independent draw of the same data set (for
+Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N, :flips=1) trains the `real` and `copy-paste` arms
+(and, with --generated, the arms that use generated pairs) on the shots of SPLIT with SEEDS seeds and scores them on VALIDATION: the test side of a split of an independent draw of the same data set (for
 the synthetic set, `defect-ds prepare synthetic --seed 2`), standing in for the user's own validation
 images. Reported per config: each arm's per-seed pixel AP, its spread and worst seed (a collapse shows
-there), the paired difference copy-paste minus real with its 95% interval, and seconds per segmenter.
-A bigger net is worth its time only while it changes that difference. Writes segmenter-DATE.{json,md};
+there), the paired difference copy-paste minus real with its 95% interval (and every other arm against
+both), and seconds per segmenter. A bigger net is worth its time only while it changes those differences. Writes segmenter-DATE.{json,md};
 finished segmenters are kept in --cache, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from defect_ds.downstream.arms import TASK_ARMS
 from defect_ds.downstream.cli import environment, load_pairs, load_test
 from defect_ds.downstream.compare import compare
 from defect_ds.downstream.runner import ArmData, SegmenterSettings, default_workers, run_jobs
 
 ARMS = ("real", "copy-paste")
+GENERATED_ARMS = tuple(a for a in TASK_ARMS["segment"] if "generated" in a)
 
 
 def parse_config(config: str, batch_size: int) -> SegmenterSettings:
@@ -56,7 +58,10 @@ def main() -> int:
     p.add_argument("validation", help="a split of an independent draw; its test side scores them")
     p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N][:flips=1]")
     p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--arms", default=",".join(ARMS), help="real, copy-paste or both (the difference needs both)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated of {', '.join(ARMS + GENERATED_ARMS)} (the differences need real and copy-paste)")
+    p.add_argument("--generated", default=None,
+                   help="generated pairs (`defect-ds generate` output) for the arms that use them; made from SPLIT's shots")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--out", default="benchmarks/results")
@@ -69,8 +74,17 @@ def main() -> int:
     data = ArmData(load_pairs(split / "shots", size, defects=True),
                    load_pairs(split / "shots", size, defects=False).images, {}, load_test(val / "test", size))
     arms = tuple(a for a in args.arms.split(",") if a)
-    if not arms or set(arms) - set(ARMS):
-        raise SystemExit(f"--arms takes {', '.join(ARMS)} (got {args.arms!r}).")
+    if not arms or set(arms) - set(ARMS + GENERATED_ARMS):
+        raise SystemExit(f"--arms takes {', '.join(ARMS + GENERATED_ARMS)} (got {args.arms!r}).")
+    needs_pairs = [a for a in arms if a in GENERATED_ARMS]
+    if needs_pairs and not args.generated:
+        raise SystemExit(f"The arms {', '.join(needs_pairs)} need --generated (a `defect-ds generate` output folder).")
+    if needs_pairs:
+        pairs = load_pairs(Path(args.generated), size, defects=True)
+        if not len(pairs):
+            raise SystemExit(f"{args.generated} holds no image+mask pair with a defect; point --generated at "
+                             "what `defect-ds generate` wrote.")
+        data.generated = {a: pairs for a in needs_pairs}
     results = {"settings": vars(args), "configs": {}}
     for config in args.configs.split(","):
         settings = parse_config(config, args.batch_size)
@@ -89,12 +103,13 @@ def main() -> int:
         reused = run_jobs([(a, s) for s in range(args.seeds) for a in arms], data,
                  settings, workers=args.workers, grid_rows=[], on_done=done, cache_dir=Path(args.cache))
         seconds = time.time() - started
-        diff = ([c for c in compare(evidence_by, data.test.types, baselines=("real",), metrics=("pixel_ap",))
-                 if c["type"] == "all"][0] if len(arms) == 2 else None)
+        comparisons = [c for c in compare(evidence_by, data.test.types, baselines=ARMS, metrics=("pixel_ap",))
+                       if c["type"] == "all"]
+        diff = next((c for c in comparisons if (c["arm"], c["baseline"]) == ("copy-paste", "real")), None)
         record = {"settings": dataclasses.asdict(settings),
                   "seconds_per_segmenter": (round(float(np.mean(seconds_each)), 1) if seconds_each else None
                                             if reused else round(seconds * args.workers / (len(arms) * args.seeds), 1)),
-                  "copy_paste_minus_real": diff, "arms": {}}
+                  "copy_paste_minus_real": diff, "comparisons": comparisons, "arms": {}}
         for a in arms:
             record["arms"][a] = arm_record(per_seed[a])
         if settings.flips and all(u is not None for a in arms for u in unflipped[a]):
@@ -113,7 +128,7 @@ def main() -> int:
     stem = f"segmenter-{datetime.date.today().isoformat()}{'-' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     lines = ["# Segmenter size and steps, chosen on validation images (never the test set)", "",
-             f"Shots: {split}/shots; validation: {val}/test ({len(data.test)} images); {args.seeds} seeds, batch "
+             f"Shots: {split}/shots{'; generated pairs: ' + args.generated if needs_pairs else ''}; validation: {val}/test ({len(data.test)} images); {args.seeds} seeds, batch "
              f"{args.batch_size}, {args.workers} workers of one thread. Device: {results['environment']['device']}, "
              f"load average {'/'.join(f'{x:.2f}' for x in results['environment']['load_average'])} at the end.", "",
              "| config | " + " | ".join(f"{a}: pixel AP mean ± std (worst seed)" for a in arms)
@@ -127,6 +142,12 @@ def main() -> int:
             cells = [f"{r['unflipped'][a]['mean']:.3f} ± {r['unflipped'][a]['std']:.3f} ({r['unflipped'][a]['worst']:.3f})"
                      for a in arms]
             lines.append(f"| {config}, the same nets without flips | {' | '.join(cells)} | - | - |")
+    others = {c: [d for d in r["comparisons"] if d["arm"] not in ARMS] for c, r in results["configs"].items()}
+    if any(others.values()):
+        lines += ["", "Arms with generated pairs against real and copy-paste (pixel AP, 95% interval over seeds and images):", ""]
+        for c, rows in others.items():
+            lines.append(f"- {c}: " + "; ".join(f"{d['arm']} vs {d['baseline']} {d['difference']:+.3f} "
+                                                 f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] {d['verdict']}" for d in rows))
     flipped = {c: r["flips_minus_unflipped"] for c, r in results["configs"].items() if "flips_minus_unflipped" in r}
     if flipped:
         lines += ["", "Flips minus no flips, the same segmenters (pixel AP, 95% interval over seeds and images):", ""]

@@ -412,3 +412,23 @@ def test_segmenter_benchmark_scores_flips_and_the_same_nets_without_them(split_d
         d = record["flips_minus_unflipped"][arm]
         assert d["baseline"] == "unflipped" and d["ci_low"] <= d["difference"] <= d["ci_high"]
     assert "the same nets without flips" in next(tmp_path.glob("segmenter-*-t.md")).read_text()
+
+
+def test_segmenter_benchmark_compares_the_arms_with_generated_pairs_with_both_baselines(split_dir, tmp_path,
+                                                                                      load_script, monkeypatch):
+    bench = load_script("benchmarks/segmenter.py")
+    argv = ["segmenter.py", str(split_dir), str(split_dir), "--configs", "8x2", "--seeds", "2", "--workers", "1",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--tag", "g",
+            "--arms", "real,copy-paste,copy-paste+generated"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit, match="need --generated"):
+        bench.main()
+    monkeypatch.setattr("sys.argv", argv + ["--generated", str(split_dir / "test")])
+    assert bench.main() == 0
+    record = json.loads(next(tmp_path.glob("segmenter-*-g.json")).read_text())["configs"]["8x2"]
+    pairs = {(c["arm"], c["baseline"]) for c in record["comparisons"]}
+    assert pairs == {("real", "copy-paste"), ("copy-paste", "real"), ("copy-paste+generated", "real"),
+                     ("copy-paste+generated", "copy-paste")}
+    assert record["copy_paste_minus_real"]["arm"] == "copy-paste"
+    assert len(record["arms"]["copy-paste+generated"]["pixel_ap"]) == 2
+    assert "copy-paste+generated vs copy-paste" in next(tmp_path.glob("segmenter-*-g.md")).read_text()
