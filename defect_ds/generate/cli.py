@@ -3,11 +3,13 @@
     defect-ds generate work/gen --run runs/default --num-per-type 8
     defect-ds generate work/inpaint --run runs/default --mode inpaint --sources work/data --masks procedural
     defect-ds generate work/gen --run runs/default --sampling.steps=20 --masks.kind=blob
+    defect-ds generate work/inpaint --run runs/default --mode inpaint --sources work/data --masks augmented \
+        --data work/downstream/shots --keep-recognisable
 
 Settings are `GenerateConfig`'s sections (`--config FILE.toml`, `--section.field=value`, each flag an
 alias of one field); the settings and the planning of samples are in `spec.py`, the pipeline in
 `pipeline.py`, reading inputs in `data/reader.py`, writing samples, shards and the resume check in
-`output.py`. A run that stops can be started again with the same settings: finished samples are skipped
+`output.py`, the optional filter of unrecognisable pairs in `filter.py`. A run that stops can be started again with the same settings: finished samples are skipped
 and each sample's seed depends only on its key.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from defect_ds.data.masks import KINDS
 from defect_ds.data.mvtec import write_mvtec
 from defect_ds.data.reader import UnreadableInputError, load_mask_pool, load_sources
 from defect_ds.evaluate.report import save_sample_grid
+from defect_ds.generate import filter as quality_filter
 from defect_ds.generate.mask_model import load_mask_model
 from defect_ds.generate.output import check_resume, sample_done, write_sample, write_shards
 from defect_ds.generate.pipeline import build_pipeline, generate_batch, planned_resolution
@@ -51,6 +54,13 @@ def run(out_dir: Path, cfg: GenerateConfig) -> int:
         raise UnreadableInputError(f"{e} (pass --skip-bad to skip bad inputs and count them)") from None
     if skipped:
         print(f"generate: skipped {len(skipped)} unreadable input file(s) (first: {skipped[0]})")
+    judge_settings = judge = None
+    if cfg.quality.keep_recognisable:  # trained before the pipeline loads: bad shots stop the call here
+        data = cfg.quality.judge_data or masks.data  # one of them is set (GenerateConfig.validate)
+        judge_settings = quality_filter.JudgeSettings(str(Path(data).resolve()), steps=cfg.quality.judge_steps,
+                                                      threshold=cfg.quality.threshold, seed=sampling.seed)
+        print(f"generate: training the judge of --keep-recognisable on {data} ({judge_settings.steps} steps)")
+        judge = quality_filter.train_judge(judge_settings, int(resolution))
     words = {name.strip(): word.strip() for name, _, word in (w.partition("=") for w in weights.words)}
     pipe, tokens, info = build_pipeline(run=weights.run, base_model=weights.base_model, lora=weights.lora,
                                         embeddings=weights.embeddings, device=device, dtype=dtype,
@@ -104,9 +114,21 @@ def run(out_dir: Path, cfg: GenerateConfig) -> int:
             for spec, (image, raw) in zip(batch, generate_batch(pipe, batch, settings, inpaint_pipe)):
                 write_sample(out_dir, spec, image, settings, raw if spec.source is not None else None)
             progress.advance(task, len(batch))
-    shards = write_shards(out_dir, tokens, cfg.output.shard_size, extra={"generation": asdict(settings)})
+    extra, kept = {"generation": asdict(settings)}, ""
+    if judge is not None:
+        report = quality_filter.judge_samples(out_dir, judge, judge_settings, settings.resolution_px)
+        print(quality_filter.summary(report))
+        n_kept = sum(s["kept"] for s in report["samples"].values())
+        if not n_kept:
+            raise ValueError(f"The judge found no defect inside the mask of any of the {len(report['samples'])} "
+                             f"pairs, so nothing was moved and shards/ not rewritten; their scores are in "
+                             f"{out_dir / quality_filter.REPORT_FILE}.")
+        quality_filter.apply(out_dir, report)
+        extra["recognisability_filter"] = {"judge": report["judge"], "per_type": report["per_type"]}
+        kept = f" ({n_kept} kept, {len(report['samples']) - n_kept} moved to {out_dir / 'dropped'})"
+    shards = write_shards(out_dir, tokens, cfg.output.shard_size, extra=extra)
     grid = save_sample_grid(out_dir / "samples", out_dir / "grid.png")
-    print(f"wrote {len(specs)} samples to {out_dir / 'samples'}, {len(shards)} shard(s) to {out_dir / 'shards'}, "
+    print(f"wrote {len(specs)} samples to {out_dir / 'samples'}{kept}, {len(shards)} shard(s) to {out_dir / 'shards'}, "
           f"grid {grid}")
     if cfg.output.layout == "mvtec":  # rewritten whole, like shards/, from every finished sample
         write_mvtec(out_dir, out_dir / "mvtec", category=what.category, overwrite=True)
@@ -178,6 +200,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     add_alias(out, "--layout", "output.layout", choices=("shards", "mvtec"),
               help="mvtec: also write OUT_DIR/mvtec/, the MVTec AD tree (as `defect-ds export mvtec`)")
     add_alias(out, "--no-progress", "output.progress", action="store_const", const=False, help="no progress bar")
+    quality = p.add_argument_group("quality filter")
+    add_alias(quality, "--keep-recognisable", "quality.keep_recognisable", action="store_const", const=True,
+              help="keep only the pairs whose defect a segmenter trained on the shots finds inside the mask; "
+                   "the rest move to OUT_DIR/dropped/ (scores in recognisability.json)")
+    add_alias(quality, "--judge-data", "quality.judge_data", help="the shots the judge trains on (default: --data)")
+    add_alias(quality, "--judge-steps", "quality.judge_steps", type=int, help="the judge's training steps (default: 900)")
+    add_alias(quality, "--judge-threshold", "quality.threshold", type=float,
+              help="found: the judge's highest probability inside the mask reaches this (default: 0.5)")
     p.set_defaults(func=_checked_run)
 
 

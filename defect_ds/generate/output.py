@@ -3,6 +3,7 @@ that a resumed run must match.
 
     OUT_DIR/generation.json              the settings the folder was started with
     OUT_DIR/samples/<type>-NNNNNN/       image.png, mask.png, caption.txt, json (+ source.png)
+    OUT_DIR/dropped/<type>-NNNNNN/       the same, for pairs --keep-recognisable dropped (`filter.py`)
     OUT_DIR/shards/                      train-NNNNNN.tar + manifest.json, as `defect-ds prepare` writes them
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ RESUME_ADVICE = "the finished samples are kept, so free space and rerun the same
 
 
 def sample_done(out_dir: Path, key: str) -> bool:
-    return (out_dir / "samples" / key / "json").is_file()
+    """Written, whether kept in samples/ or moved to dropped/ by --keep-recognisable (`filter.py`)."""
+    return any((out_dir / folder / key / "json").is_file() for folder in ("samples", "dropped"))
 
 
 def write_sample(out_dir: Path, spec: SampleSpec, image: np.ndarray, settings: GenerationSettings,

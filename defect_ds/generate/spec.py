@@ -142,16 +142,33 @@ class OutputConfig:
 
 
 @dataclass
+class QualityConfig:
+    """The optional filter of `generate/filter.py`: a segmenter trained on the shots judges each pair."""
+    keep_recognisable: bool = False  # shards/ keeps only the pairs whose defect the judge finds inside the mask
+    judge_data: str = ""  # the shots the judge trains on; "": masks.data
+    judge_steps: int = 900  # the judge's training steps (the downstream segmenter's default)
+    threshold: float = 0.5  # found: the judge's highest probability inside the mask reaches this
+
+    def validate(self) -> None:
+        require(self.judge_steps >= 1, "quality.judge_steps", self.judge_steps, "use 1 or more")
+        require(0 < self.threshold < 1, "quality.threshold", self.threshold, "use a value in (0, 1)")
+
+
+@dataclass
 class GenerateConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     masks: MasksConfig = field(default_factory=MasksConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def validate(self) -> None:
         for f in fields(self):
             getattr(self, f.name).validate()
+        require(not self.quality.keep_recognisable or bool(self.quality.judge_data or self.masks.data),
+                "quality.judge_data", self.quality.judge_data,
+                "--keep-recognisable needs the shots its judge trains on: pass --judge-data or --data")
 
 
 # ---- the resolved settings and the samples ---------------------------------------------------

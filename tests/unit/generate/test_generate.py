@@ -678,3 +678,28 @@ def test_a_truncated_source_is_one_sentence_before_the_pipeline_loads_or_skipped
     sources = {json.loads((f / "json").read_text())["generation"]["source_image"]
                for f in _samples(tmp_path / "out").values()}
     assert sources and all("good_0" in s for s in sources)  # only the readable source was used
+
+
+def test_keep_recognisable_judges_every_pair_and_keeps_the_shards_to_the_kept_ones(trained_run, tmp_path, capsys):
+    good = _object_image(11)
+    scratch = np.zeros((64, 64), np.uint8)
+    scratch[28:31, 20:44] = 1
+    shot = _object_image(3)
+    shot[scratch.astype(bool)] = 255
+    data = _write_shots(tmp_path / "shots", [("scratch", shot, scratch), ("good", good, np.zeros_like(scratch))])
+    out = tmp_path / "gen"
+    args = ["generate", str(out), "--run", str(trained_run["run_dir"]), "--mode", "inpaint", "--sources", str(data),
+            "--masks", "augmented", "--defect-types", "scratch", "--num-per-type", "3", "--steps", "1",
+            "--no-progress", "--keep-recognisable", "--judge-steps", "3"]
+    assert main([a if a != "augmented" else "procedural" for a in args]) == 2  # no shots named: nothing written
+    assert "--keep-recognisable needs the shots" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--data", str(data), "--judge-threshold", "0.001"]) == 0
+    report = json.loads((out / "recognisability.json").read_text())
+    assert report["judge"]["steps"] == 3 and report["judge"]["data"] == str(data.resolve())
+    assert report["per_type"]["scratch"]["pairs"] == 3 == len(report["samples"])
+    kept = sorted(k for k, s in report["samples"].items() if s["kept"])
+    assert sorted(_samples(out)) == kept and len(kept) == report["per_type"]["scratch"]["kept"]
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["recognisability_filter"]["per_type"] == report["per_type"]
+    assert sum(i["counts"].get("scratch", 0) for infos in manifest["shards"].values() for i in infos) == len(kept)
+    assert "keep-recognisable: scratch kept" in capsys.readouterr().out
