@@ -9,9 +9,11 @@ Variants (each against the full method, `make demo`'s settings):
   no-tokens     no learned tokens: captions and prompts use the type's plain word (textual inversion off)
   no-finetune   no fine-tune at all: the base model inpaints the type's plain word
   nearest-mask  diffusers' own nearest shrink of the inpainting mask instead of the latent cells
+  keep-recognisable  the full method's pairs, filtered by `generate --keep-recognisable` (a judge trained
+                on the shots); not part of the default list: a lever of the generator, not a part
 
-Every stage (data, fine-tune, generation) is skipped when its output is there, so an interrupted run
-resumes where it stopped. The segmenters of every variant train with the same seeds on the same test
+Every stage (data, fine-tune, generation, each segmenter) is skipped when its output is there, so an
+interrupted run resumes where it stopped. The segmenters of every variant train with the same seeds on the same test
 set, so each variant is compared with the full method as a paired difference with a 95% bootstrap
 interval over test images and seeds (defect_ds/downstream/compare.py). Writes ablation-DATE.{json,md}.
 """
@@ -44,8 +46,10 @@ VARIANTS = {  # name: (training overrides or None for no fine-tune, generation f
     "no-tokens": (["--textual_inversion.enabled=false"], ["--words", WORDS], True),
     "no-finetune": (None, ["--words", WORDS], True),
     "nearest-mask": ([], ["--inpaint-mask", "nearest"], False),
+    "keep-recognisable": ([], ["--keep-recognisable"], False),
 }
-SAME_RUN = {"nearest-mask": "full"}  # variants that differ only in generation reuse that fine-tune
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "keep-recognisable"]
+SAME_RUN = {"nearest-mask": "full", "keep-recognisable": "full"}  # variants that differ only in generation reuse that fine-tune
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -102,7 +106,7 @@ def main() -> int:
     p.add_argument("--work", default="work/ablation", help="data, splits and generated pairs")
     p.add_argument("--runs", default="runs/ablation", help="one fine-tune per variant")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--arm", default="generated", choices=("generated", "real+generated", "copy-paste+generated"),
                    help="the downstream arm each variant's pairs are scored in")
     p.add_argument("--seeds", type=int, default=8)
@@ -153,7 +157,7 @@ def main() -> int:
         print(f"  scored {v} seed {outcome.seed}", flush=True)
 
     run_jobs(jobs, data, SegmenterSettings(args.steps, 16, args.width, flips=FLIPS), workers=args.workers, grid_rows=[],
-             on_done=done)
+             on_done=done, cache_dir=work / "segmenters")
     comparisons = compare(evidence_by, test.types, baselines=("full",))
     results = {"settings": {"arm": args.arm, "seeds": args.seeds, "steps": args.steps, "width": args.width,
                             "variants": {v: {"training_overrides": VARIANTS[v][0], "generation_flags": VARIANTS[v][1]}
