@@ -9,8 +9,10 @@ Variants (each against the full method, `make demo`'s settings):
   no-tokens     no learned tokens: captions and prompts use the type's plain word (textual inversion off)
   no-finetune   no fine-tune at all: the base model inpaints the type's plain word
   nearest-mask  diffusers' own nearest shrink of the inpainting mask instead of the latent cells
+Levers of the generator, measured the same way but not in the default list (they are not parts of the method):
   keep-recognisable  the full method's pairs, filtered by `generate --keep-recognisable` (a judge trained
-                on the shots); not part of the default list: a lever of the generator, not a part
+                on the shots)
+  conv-lora     mask-gated LoRA also on the convolutions of the finest latent level (32x32 at 64 px)
 
 Every stage (data, fine-tune, generation, each segmenter) is skipped when its output is there, so an
 interrupted run resumes where it stopped. The segmenters of every variant train with the same seeds on the same test
@@ -39,6 +41,9 @@ from defect_ds.downstream.cli import FLIPS, STEPS, WIDTH
 
 TYPES = ("crack", "scratch", "spot")
 WORDS = ",".join(f"{t}={t}" for t in TYPES)
+ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"]  # the default
+FINEST_CONVS = [f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.3", 2))
+                for i in range(n) for conv in ("conv1", "conv2")]  # the tiny base's 32x32 level
 VARIANTS = {  # name: (training overrides or None for no fine-tune, generation flags, plain-word data)
     "full": ([], [], False),
     "no-gating": (["--lora.mask_gating=false"], [], False),
@@ -47,8 +52,10 @@ VARIANTS = {  # name: (training overrides or None for no fine-tune, generation f
     "no-finetune": (None, ["--words", WORDS], True),
     "nearest-mask": ([], ["--inpaint-mask", "nearest"], False),
     "keep-recognisable": ([], ["--keep-recognisable"], False),
+    "conv-lora": ([f"--lora.target_modules={','.join(ATTENTION + FINEST_CONVS)}"], [], False),
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "keep-recognisable"]
+LEVERS = ("keep-recognisable", "conv-lora")
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in LEVERS]
 SAME_RUN = {"nearest-mask": "full", "keep-recognisable": "full"}  # variants that differ only in generation reuse that fine-tune
 
 
