@@ -432,3 +432,20 @@ def test_segmenter_benchmark_compares_the_arms_with_generated_pairs_with_both_ba
     assert record["copy_paste_minus_real"]["arm"] == "copy-paste"
     assert len(record["arms"]["copy-paste+generated"]["pixel_ap"]) == 2
     assert "copy-paste+generated vs copy-paste" in next(tmp_path.glob("segmenter-*-g.md")).read_text()
+
+
+def test_diversity_is_zero_for_the_shots_redrawn_and_positive_for_unseen_defects(split_dir, tmp_path, load_script,
+                                                                              monkeypatch, capsys):
+    bench = load_script("benchmarks/diversity.py")
+    shots = str(split_dir / "shots")
+    monkeypatch.setattr("sys.argv", ["diversity.py", shots, shots, "--reference", str(split_dir / "test"),
+                                     "--out", str(tmp_path), "--tag", "t"])
+    assert bench.main() == 0
+    per_type = json.loads((tmp_path / f"diversity-{__import__('datetime').date.today()}-t.json").read_text())["per_type"]
+    assert per_type
+    for row in per_type.values():
+        for name in ("patch", "look"):
+            assert row[name]["generated"] == 0 and row[name]["generated_over_reference"] == 0  # copies of shots
+            loo = row[name]["shots_leave_one_out"]  # None with a single shot of the type
+            assert row[name]["reference"] > 0 and (loo is None or loo > 0)
+    assert "generated / reference" in capsys.readouterr().out
