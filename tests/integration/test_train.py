@@ -146,20 +146,19 @@ def train_one_process(args: list[str]) -> None:
 
 def test_resume_on_latent_shards_matches_the_straight_run_whatever_the_worker_count(tiny_model_dir, latent_dir,
                                                                                      tmp_path):
-    """The VAE posterior is sampled per sample from (seed, epoch, key): a run stopped at step 3 and resumed
-    draws what the straight run drew, with 0 or 2 loader workers, and the worker count changes nothing."""
+    """The VAE posterior is sampled per sample from (seed, epoch, key): a run with 2 loader workers, stopped
+    at step 3 and resumed, draws what the straight run without workers drew."""
     steps = dict(train__max_steps=6, checkpoint__every_steps=3)
     straight = tmp_path / "straight"
-    train_one_process(common_args(tiny_model_dir, latent_dir, straight, **steps))
+    train_one_process(common_args(tiny_model_dir, latent_dir, straight, **steps))  # data.num_workers=0
     assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
-    for workers in (0, 2):
-        parts = tmp_path / f"parts-{workers}"
-        args = common_args(tiny_model_dir, latent_dir, parts, **steps, data__num_workers=workers)
-        train_one_process([*args, "--train.stop_at_step=3"])
-        assert sorted(losses(parts)) == [1, 2, 3]
-        train_one_process([*args, "--resume", "latest"])
-        # identical floats: steps 1-3 show the worker count changes nothing, steps 4-6 that the resume is exact
-        assert losses(parts) == losses(straight), workers
+    parts = tmp_path / "parts"
+    args = common_args(tiny_model_dir, latent_dir, parts, **steps, data__num_workers=2)
+    train_one_process([*args, "--train.stop_at_step=3"])
+    assert sorted(losses(parts)) == [1, 2, 3]
+    train_one_process([*args, "--resume", "latest"])
+    # identical floats: steps 1-3 show the worker count changes nothing, steps 4-6 that the resume is exact
+    assert losses(parts) == losses(straight)
 
 
 # The start of a script run under `deepspeed`: a Trainer of the run's config, set up (engine built).
