@@ -9,8 +9,8 @@
 Settings are `GenerateConfig`'s sections (`--config FILE.toml`, `--section.field=value`, each flag an
 alias of one field); the settings and the planning of samples are in `spec.py`, the pipeline in
 `pipeline.py`, reading inputs in `data/reader.py`, writing samples, shards and the resume check in
-`output.py`, the optional filter of unrecognisable pairs in `filter.py`. A run that stops can be started again with the same settings: finished samples are skipped
-and each sample's seed depends only on its key.
+`output.py`, the optional filter of unrecognisable pairs in `filter.py`. A run that stops can be started
+again with the same settings: finished samples are skipped and each sample's seed depends only on its key.
 """
 from __future__ import annotations
 
@@ -59,8 +59,12 @@ def run(out_dir: Path, cfg: GenerateConfig) -> int:
         data = cfg.quality.judge_data or masks.data  # one of them is set (GenerateConfig.validate)
         judge_settings = quality_filter.JudgeSettings(str(Path(data).resolve()), steps=cfg.quality.judge_steps,
                                                       threshold=cfg.quality.threshold, seed=sampling.seed)
-        print(f"generate: training the judge of --keep-recognisable on {data} ({judge_settings.steps} steps)")
-        judge = quality_filter.train_judge(judge_settings, int(resolution))
+        with Progress(TextColumn("judge"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not cfg.output.progress) as progress:
+            task = progress.add_task("judge", total=judge_settings.steps)
+            print(f"generate: training the judge of --keep-recognisable on {data} ({judge_settings.steps} steps)")
+            judge = quality_filter.train_judge(judge_settings, int(resolution),
+                                               on_step=lambda _step: progress.advance(task))
     words = {name.strip(): word.strip() for name, _, word in (w.partition("=") for w in weights.words)}
     pipe, tokens, info = build_pipeline(run=weights.run, base_model=weights.base_model, lora=weights.lora,
                                         embeddings=weights.embeddings, device=device, dtype=dtype,

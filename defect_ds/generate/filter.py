@@ -34,7 +34,8 @@ class JudgeSettings:
     flips: bool = True
 
 
-def train_judge(settings: JudgeSettings, resolution: int) -> Callable[[np.ndarray], np.ndarray]:
+def train_judge(settings: JudgeSettings, resolution: int,
+                on_step: Callable[[int], None] | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The downstream segmenter trained on the shots of `settings.data`; returns images -> probability maps."""
     from defect_ds.downstream.arms import ArmSampler
     from defect_ds.downstream.cli import load_pairs
@@ -47,7 +48,7 @@ def train_judge(settings: JudgeSettings, resolution: int) -> Callable[[np.ndarra
                          f"{len(shots)} defect and {len(goods)} good image(s). Point --judge-data at the shots.")
     sampler = ArmSampler("real", shots, goods, None)
     net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps, batch_size=16,
-                          seed=settings.seed, width=settings.width)
+                          seed=settings.seed, width=settings.width, on_step=on_step)
     return lambda images: predict(net, images, flips=settings.flips)
 
 
