@@ -103,8 +103,9 @@ def main() -> int:
     size = args.resolution_px
     shots, generated = load_pairs(args.shots, size, defects=True), load_pairs(args.generated, size, defects=True)
     reference = load_pairs(args.reference, size, defects=True)
-    if not len(generated) or not len(shots):
-        raise SystemExit(f"Need defect pairs in both {args.shots} ({len(shots)}) and {args.generated} ({len(generated)}).")
+    if not len(generated) or not len(shots) or not len(reference):
+        raise SystemExit(f"Need defect pairs in {args.shots} ({len(shots)}), {args.generated} ({len(generated)}) "
+                         f"and {args.reference} ({len(reference)}).")
     per_type = measure(shots, generated, reference)
     results = {"shots": args.shots, "generated": args.generated, "reference": args.reference, "resolution_px": size,
                "per_type": per_type, "environment": environment()}
@@ -118,7 +119,7 @@ def main() -> int:
              "to the nearest shot; patch: the mask's padded bounding box at 24x24; look: the mean colour inside "
              "the mask and in a 2-pixel ring around it.", "",
              f"Device: {results['environment']['device']} (the measure trains nothing); "
-             f"reference: {sum(len(v) for v in [reference.types])} defect images.", "",
+             f"reference: {len(reference)} defect images.", "",
              "| type | description | shots, leave one out | generated | reference | generated / reference | "
              "fidelity: generated to nearest reference | reference, leave one out |",
              "|---|---|---|---|---|---|---|---|"]
