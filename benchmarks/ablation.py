@@ -13,6 +13,14 @@ Levers of the generator, measured the same way but not in the default list (they
   keep-recognisable  the full method's pairs, filtered by `generate --keep-recognisable` (a judge trained
                 on the shots)
   conv-lora     mask-gated LoRA also on the convolutions of the finest latent level (32x32 at 64 px)
+  guidance-G    the full method's fine-tune, generated with guidance scale G instead of the demo's 6 (e.g. guidance-2)
+  pairs-N       the full method's fine-tune, N generated pairs per defect type instead of the demo's 24 (e.g. pairs-96)
+                (generation levers combine with +: guidance-2+pairs-96)
+
+A lever is chosen on validation images, never on the test set: `--validation work/val/split` scores every
+segmenter on the test side of an independent draw's split (`defect-ds prepare synthetic --seed 2`, split the
+same way) instead of the ablation's own test images. `--baselines copy-paste` also trains that arm with the
+same seeds and compares every variant with it, so a lever is judged against the cheap baseline as well.
 
 Every stage (data, fine-tune, generation, each segmenter) is skipped when its output is there, so an
 interrupted run resumes where it stopped. The segmenters of every variant train with the same seeds on the same test
@@ -57,6 +65,26 @@ VARIANTS = {  # name: (training overrides or None for no fine-tune, generation f
 LEVERS = ("keep-recognisable", "conv-lora")
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in LEVERS]
 SAME_RUN = {"nearest-mask": "full", "keep-recognisable": "full"}  # variants that differ only in generation reuse that fine-tune
+GENERATION_LEVERS = {"guidance": "--guidance-scale", "pairs": "--num-per-type"}  # name-VALUE: the full fine-tune
+
+
+def variant(name: str) -> tuple[list[str] | None, list[str], bool, str]:
+    """A variant's (training overrides or None, generation flags, plain-word data, the fine-tune it uses)."""
+    if name in VARIANTS:
+        overrides, flags, words = VARIANTS[name]
+        return overrides, flags, words, SAME_RUN.get(name, name)
+    flags = []
+    for part in name.split("+"):  # generation levers combine: guidance-2+pairs-96
+        lever, _, value = part.partition("-")
+        try:
+            float(value)
+        except ValueError:
+            lever = ""
+        if lever not in GENERATION_LEVERS:
+            raise SystemExit(f"Unknown variant {name!r}: use {', '.join(VARIANTS)}, guidance-G, pairs-N or both "
+                             "joined by +.")
+        flags += [GENERATION_LEVERS[lever], value]
+    return [], flags, False, "full"
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -116,6 +144,10 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--arm", default="generated", choices=("generated", "real+generated", "copy-paste+generated"),
                    help="the downstream arm each variant's pairs are scored in")
+    p.add_argument("--validation", default="", help="a split of an independent draw whose test side scores the "
+                   "segmenters (choosing a lever); default: the ablation's own test set")
+    p.add_argument("--baselines", default="", help="comma-separated arms without generated pairs (real, copy-paste) "
+                   "trained with the same seeds; every variant is compared with them too")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--width", type=int, default=WIDTH)
@@ -123,22 +155,28 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the results' file names")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or "full" not in variants:
-        raise SystemExit(f"--variants must include full and name only {', '.join(VARIANTS)} (got {unknown}).")
+    if "full" not in variants:
+        raise SystemExit("--variants must include full: every variant is compared with it.")
+    specs = {v: variant(v) for v in variants}
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if set(baselines) - {"real", "copy-paste"}:
+        raise SystemExit(f"--baselines takes real and copy-paste only (got {args.baselines!r}).")
+    validation = Path(args.validation) if args.validation else None
+    if validation and not (validation / "test").is_dir():
+        raise SystemExit(f"--validation {validation} has no test side: give a folder `defect-ds downstream split` wrote.")
     work, runs = Path(args.work), Path(args.runs)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "ablation.log"
     bin_dir = Path(sys.executable).parent
     times, generated_dirs = {}, {}
     for name in variants:
-        overrides, flags, words = VARIANTS[name]
+        overrides, flags, words, source = specs[name]
         started = time.time()
         split = prepare(work, words, log, bin_dir)
         run = None
         if overrides is not None:
-            source = SAME_RUN.get(name, name)
-            run = finetune(source, VARIANTS[source][0], split, runs, log, bin_dir)
+            run = finetune(source, specs[source][0] if source in specs else variant(source)[0], split, runs, log,
+                           bin_dir)
         generated_dirs[name] = generate(name, run, flags, split, work, log, bin_dir)
         times[name] = round(time.time() - started, 1)
         print(f"{name}: data, fine-tune and generation ready ({times[name]} s)", flush=True)
@@ -147,32 +185,37 @@ def main() -> int:
     size = 64
     shots = load_pairs(split / "shots", size, defects=True)
     goods = load_pairs(split / "shots", size, defects=False).images
-    test = load_test(split / "test", size)
+    test = load_test((validation or split) / "test", size)
     generated = {name: load_pairs(path, size, defects=True) for name, path in generated_dirs.items()}
     data = ArmData(shots, goods, {}, test)
-    per_seed = {v: [None] * args.seeds for v in variants}
-    evidence_by = {v: [None] * args.seeds for v in variants}
+    rows = variants + baselines
+    per_seed = {v: [None] * args.seeds for v in rows}
+    evidence_by = {v: [None] * args.seeds for v in rows}
 
     # each variant is "an arm" whose generated pairs are its own; the arm kind decides the mixing
     data.generated = {f"{args.arm}@{v}": generated[v] for v in variants}
     jobs = [(f"{args.arm}@{v}", seed) for seed in range(args.seeds) for v in variants]
+    jobs += [(b, seed) for seed in range(args.seeds) for b in baselines]
     started = time.time()
 
     def done(outcome) -> None:
-        v = outcome.arm.split("@")[1]
+        v = outcome.arm.split("@")[-1]
         per_seed[v][outcome.seed], evidence_by[v][outcome.seed] = outcome.scores, outcome.evidence
         print(f"  scored {v} seed {outcome.seed}", flush=True)
 
     run_jobs(jobs, data, SegmenterSettings(args.steps, 16, args.width, flips=FLIPS), workers=args.workers, grid_rows=[],
              on_done=done, cache_dir=work / "segmenters")
-    comparisons = compare(evidence_by, test.types, baselines=("full",))
+    comparisons = [c for c in compare(evidence_by, test.types, baselines=("full", *baselines))
+                   if c["arm"] not in baselines]
     results = {"settings": {"arm": args.arm, "seeds": args.seeds, "steps": args.steps, "width": args.width,
-                            "variants": {v: {"training_overrides": VARIANTS[v][0], "generation_flags": VARIANTS[v][1]}
+                            "scored_on": str((validation or split) / "test"), "baselines": baselines,
+                            "variants": {v: {"training_overrides": specs[v][0], "generation_flags": specs[v][1]}
                                          for v in variants}},
                "test": {"defect_images": int(sum(t != GOOD for t in test.types)),
                         "good_images": int(sum(t == GOOD for t in test.types))},
                "variants": {v: {"summary": report.summarise(per_seed[v]), "per_seed": per_seed[v],
-                                "generated_pairs": len(generated[v]), "prepare_seconds": times[v]} for v in variants},
+                                "generated_pairs": len(generated[v]) if v in generated else 0,
+                                "prepare_seconds": times.get(v, 0.0)} for v in rows},
                "comparisons": comparisons, "scoring_seconds": round(time.time() - started, 1),
                "environment": environment()}
     out = Path(args.out)
@@ -188,18 +231,22 @@ def markdown(results: dict) -> str:
     s, env = results["settings"], results["environment"]
     lines = ["# Ablation: what each part of the method adds", "",
              f"Each variant's generated pairs scored in the `{s['arm']}` arm: {s['seeds']} segmenter seeds, "
-             f"{s['steps']} steps, width {s['width']}; test set {results['test']['defect_images']} defect and "
-             f"{results['test']['good_images']} good images (synthetic v2).",
+             f"{s['steps']} steps, width {s['width']}; scored on {s.get('scored_on', 'the test set')}: "
+             f"{results['test']['defect_images']} defect and {results['test']['good_images']} good images (synthetic v2)."
+             + (f" Arms without generated pairs, same seeds: {', '.join(s['baselines'])}." if s.get("baselines") else ""),
              f"Device: {env['device']}, load average {'/'.join(f'{x:.2f}' for x in env['load_average'])} at the end; "
-             f"torch {env['torch']}.", "", "| variant | pixel AP (mean ± std over seeds) | image AUROC |", "|---|---|---|"]
+             f"torch {env['torch']}.", "",
+             "| variant | pixel AP (mean ± std over seeds) | image AUROC | " + " | ".join(f"{t} pixel AP" for t in TYPES)
+             + " |", "|---|---|---" + "|---" * len(TYPES) + "|"]
     for v, r in results["variants"].items():
         a = r["summary"]["all"]
+        by_type = [f"{r['summary'][t]['pixel_ap']['mean']:.3f}" if t in r["summary"] else "n/a" for t in TYPES]
         lines.append(f"| {v} | {a['pixel_ap']['mean']:.3f} ± {a['pixel_ap']['std']:.3f} | "
-                     f"{a['image_auroc']['mean']:.3f} ± {a['image_auroc']['std']:.3f} |")
-    rows = [{**c, "baseline": "full"} for c in results["comparisons"]]
+                     f"{a['image_auroc']['mean']:.3f} ± {a['image_auroc']['std']:.3f} | " + " | ".join(by_type) + " |")
     for metric in ("pixel_ap", "image_auroc"):
-        lines += ["", f"## {metric}: variant minus full method, 95% interval", "",
-                  *report.comparison_table(rows, metric)]
+        against = " and each baseline arm" if s.get("baselines") else ""
+        lines += ["", f"## {metric}: variant minus full method{against}, 95% interval", "",
+                  *report.comparison_table(results["comparisons"], metric)]
     return "\n".join(lines) + "\n"
 
 

@@ -449,3 +449,20 @@ def test_diversity_is_zero_for_the_shots_redrawn_and_positive_for_unseen_defects
             loo = row[name]["shots_leave_one_out"]  # None with a single shot of the type
             assert row[name]["reference"] > 0 and (loo is None or loo > 0)
     assert "generated / reference" in capsys.readouterr().out
+
+
+def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script, monkeypatch, tmp_path):
+    bench = load_script("benchmarks/ablation.py")
+    assert bench.variant("guidance-2+pairs-96") == ([], ["--guidance-scale", "2", "--num-per-type", "96"], False, "full")
+    assert bench.variant("keep-recognisable")[3] == "full"  # generation only: the full method's fine-tune
+    assert bench.variant("no-finetune")[0] is None
+    for bad in ("guidance-x", "pairs", "colour-2"):
+        with pytest.raises(SystemExit, match="Unknown variant"):
+            bench.variant(bad)
+    for argv, message in ((["--variants", "no-gating"], "must include full"),
+                          (["--baselines", "generated"], "real and copy-paste only"),
+                          (["--validation", str(tmp_path / "none")], "no test side")):
+        monkeypatch.setattr("sys.argv", ["ablation.py", "--work", str(tmp_path / "w"), *argv])
+        with pytest.raises(SystemExit, match=message):
+            bench.main()
+    assert not (tmp_path / "w").exists()  # refused before anything is written
