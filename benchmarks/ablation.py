@@ -13,6 +13,10 @@ Levers of the generator, measured the same way but not in the default list (they
   keep-recognisable  the full method's pairs, filtered by `generate --keep-recognisable` (a judge trained
                 on the shots)
   conv-lora     mask-gated LoRA also on the convolutions of the finest latent level (32x32 at 64 px)
+  attention-32  the full method fine-tuned on a base with attention (and so the gated adapters) also at the 32x32
+                latent level, the shipped codec kept: make it first with
+                `defect-ds pretrain-base work/data/base work/base-attention-32 --config configs/base-attention-32.toml
+                --vae-from models/tiny-defect-base` (after `make work/data/base/manifest.json`)
   guidance-G    the full method's fine-tune, generated with guidance scale G instead of the demo's 6 (e.g. guidance-2)
   pairs-N       the full method's fine-tune, N generated pairs per defect type instead of the demo's 24 (e.g. pairs-96)
                 (generation levers combine with +: guidance-2+pairs-96)
@@ -52,6 +56,7 @@ WORDS = ",".join(f"{t}={t}" for t in TYPES)
 ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"]  # the default
 FINEST_CONVS = [f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.3", 2))
                 for i in range(n) for conv in ("conv1", "conv2")]  # the tiny base's 32x32 level
+ATTENTION_32_BASE = "work/base-attention-32"  # configs/base-attention-32.toml, the shipped codec reused
 VARIANTS = {  # name: (training overrides or None for no fine-tune, generation flags, plain-word data)
     "full": ([], [], False),
     "no-gating": (["--lora.mask_gating=false"], [], False),
@@ -61,8 +66,9 @@ VARIANTS = {  # name: (training overrides or None for no fine-tune, generation f
     "nearest-mask": ([], ["--inpaint-mask", "nearest"], False),
     "keep-recognisable": ([], ["--keep-recognisable"], False),
     "conv-lora": ([f"--lora.target_modules={','.join(ATTENTION + FINEST_CONVS)}"], [], False),
+    "attention-32": ([f"--model.pretrained_dir={ATTENTION_32_BASE}"], [], False),
 }
-LEVERS = ("keep-recognisable", "conv-lora")
+LEVERS = ("keep-recognisable", "conv-lora", "attention-32")
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in LEVERS]
 SAME_RUN = {"nearest-mask": "full", "keep-recognisable": "full"}  # variants that differ only in generation reuse that fine-tune
 GENERATION_LEVERS = {"guidance": "--guidance-scale", "pairs": "--num-per-type"}  # name-VALUE: the full fine-tune
@@ -161,6 +167,10 @@ def main() -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     if set(baselines) - {"real", "copy-paste"}:
         raise SystemExit(f"--baselines takes real and copy-paste only (got {args.baselines!r}).")
+    if "attention-32" in variants and not (Path(ATTENTION_32_BASE) / "model_index.json").is_file():
+        raise SystemExit(f"attention-32 needs its base in {ATTENTION_32_BASE}: make it with `defect-ds pretrain-base "
+                         f"work/data/base {ATTENTION_32_BASE} --config configs/base-attention-32.toml --vae-from "
+                         "models/tiny-defect-base` (about an hour on 2 cores).")
     validation = Path(args.validation) if args.validation else None
     if validation and not (validation / "test").is_dir():
         raise SystemExit(f"--validation {validation} has no test side: give a folder `defect-ds downstream split` wrote.")

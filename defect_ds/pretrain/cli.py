@@ -2,6 +2,8 @@
 
     defect-ds pretrain-base work/data/base models/tiny-defect-base
     defect-ds pretrain-base work/data/base work/base --recipe.vae_steps=300 --recipe.unet_steps=500
+    defect-ds pretrain-base work/data/base work/base-attention-32 --config configs/base-attention-32.toml \
+      --vae-from models/tiny-defect-base
 
 Stage 1 trains the VAE and computes its scaling factor from the data's latents; stage 2 trains the
 UNet and the text encoder on the good images and their captions only (defect images in DATA are left
@@ -178,10 +180,13 @@ def run(args: argparse.Namespace) -> int:
     if resolution % (factor * 2 ** (len(recipe.unet_channels) - 1)):
         raise ValueError(f"Images of {resolution} px do not divide into the recipe's grids; use a multiple of "
                          f"{factor * 2 ** (len(recipe.unet_channels) - 1)} px.")
+    codec = reused_codec(options.vae_from, recipe) if options.vae_from else None
     state_dir = out / STATE
     state_dir.mkdir(parents=True, exist_ok=True)
     recipe_record = json.loads(recipe.to_json())
     recipe_record.update(data=str(args.data), resolution_px=resolution)
+    if options.vae_from:
+        recipe_record.update(vae_from=str(Path(options.vae_from).resolve()))
     saved = state_dir / "recipe.json"
     if saved.is_file() and json.loads(saved.read_text()) != recipe_record:
         raise ValueError(f"{out} holds an unfinished run with another recipe ({saved}); resume with the same "
@@ -198,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir)
+    elif codec is not None:
+        vae = codec
+        progress.info(f"vae: reused from {options.vae_from}")
+        with atomic_folder(vae_dir, advice=RESUME_ADVICE) as tmp:
+            vae.save_pretrained(tmp)
     else:
         vae = stages.train_vae(train_images, recipe, state_dir / "vae.pt",
                                progress.stage("vae", recipe.vae_steps, _done(state_dir / "vae.pt")))
@@ -238,6 +248,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def reused_codec(base: str, recipe):
+    """The codec of a finished base (`--vae-from`), refused in one sentence when the recipe's UNet could not
+    take its latents (another latent channel count or downsampling factor)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(base) / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--vae-from {base} has no vae/config.json; give a folder pretrain-base finished.")
+    vae = AutoencoderKL.from_pretrained(folder)
+    levels, channels = len(vae.config.block_out_channels), vae.config.latent_channels
+    if levels != len(recipe.vae_channels) or channels != recipe.vae_latent_channels:
+        raise ValueError(f"--vae-from {base} has a codec with {levels} levels and {channels} latent channels; the "
+                         f"recipe asks for {len(recipe.vae_channels)} and {recipe.vae_latent_channels}.")
+    return vae
+
+
 def _done(state_path: Path) -> int:
     state = stages.load_state(state_path)
     return int(state["step"]) if state else 0
@@ -266,6 +292,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
               help="save the UNet and VAE in fp32 (default: fp16, half the size; the text encoder is always fp32)")
     add_alias(p, "--sample-steps", "run.sample_steps", type=int,
               help="denoising steps of the sample grid (default: 30)")
+    add_alias(p, "--vae-from", "run.vae_from",
+              help="reuse a finished base's codec (its vae/) instead of training one: a UNet change compared on the "
+                   "same latents")
     add_alias(p, "--keep-state", "run.keep_state", action="store_const", const=True,
               help="keep OUT/train_state/ after finishing")
     add_alias(p, "--no-progress", "run.progress", action="store_const", const=False)

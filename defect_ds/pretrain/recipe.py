@@ -15,7 +15,7 @@ from typing import Any
 
 from defect_ds.config import read_config_file, require
 
-RECORDS = ("data", "resolution_px")  # what OUT/recipe.json adds to the recipe, so that file is a recipe too
+RECORDS = ("data", "resolution_px", "vae_from")  # what OUT/recipe.json adds to the recipe, so that file is a recipe too
 
 
 @dataclass
@@ -94,6 +94,9 @@ class RunOptions:
     sample_steps: int = 30  # denoising steps of the sample grid
     keep_state: bool = False  # keep OUT/train_state/ after finishing
     progress: bool = True  # progress bars
+    # a finished base whose codec (its vae/) is reused instead of training one: a change to the UNet is then
+    # compared on the same latents, and the shots' encoded latents stay valid (recorded in OUT/recipe.json)
+    vae_from: str = ""
 
     def validate(self) -> None:
         require(self.resolution_px >= 0, "run.resolution_px", self.resolution_px, "use 0 (as stored) or a side")

@@ -453,6 +453,7 @@ def test_diversity_is_zero_for_the_shots_redrawn_and_positive_for_unseen_defects
 
 def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script, monkeypatch, tmp_path):
     bench = load_script("benchmarks/ablation.py")
+    monkeypatch.setattr(bench, "ATTENTION_32_BASE", str(tmp_path / "no-base"))
     assert bench.variant("guidance-2+pairs-96") == ([], ["--guidance-scale", "2", "--num-per-type", "96"], False, "full")
     assert bench.variant("keep-recognisable")[3] == "full"  # generation only: the full method's fine-tune
     assert bench.variant("no-finetune")[0] is None
@@ -461,7 +462,8 @@ def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script
             bench.variant(bad)
     for argv, message in ((["--variants", "no-gating"], "must include full"),
                           (["--baselines", "generated"], "real and copy-paste only"),
-                          (["--validation", str(tmp_path / "none")], "no test side")):
+                          (["--validation", str(tmp_path / "none")], "no test side"),
+                          (["--variants", "full,attention-32"], "attention-32 needs its base")):
         monkeypatch.setattr("sys.argv", ["ablation.py", "--work", str(tmp_path / "w"), *argv])
         with pytest.raises(SystemExit, match=message):
             bench.main()

@@ -186,3 +186,27 @@ def test_a_recipe_json_sets_the_recipe_section_and_flags_beat_it(tmp_path):
     cfg = read_config(parse_command(["pretrain-base", "d", "o", "--recipe", str(recipe), "--vae-steps", "7", "--fp32"]))
     assert cfg.recipe.vae_learning_rate == 1 and cfg.recipe.vae_channels == (32, 32)  # tuples, as the defaults
     assert cfg.recipe.vae_steps == 7 and cfg.run.save_fp16 is False
+
+
+def test_vae_from_reuses_a_finished_codec_and_refuses_one_the_unet_cannot_take(base, data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**TOY, "unet_attention": [True, True]}))  # a UNet change, the codec kept
+    out = tmp_path / "attention"
+    assert main(["pretrain-base", str(data), str(out), "--recipe", str(recipe), "--vae-from", str(base),
+                 "--sample-steps", "1", "--no-progress"]) == 0
+    ours, theirs = (load_file(next((b / "vae").glob("*.safetensors"))) for b in (out, base))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+    assert json.loads((out / "recipe.json").read_text())["vae_from"] == str(base.resolve())
+    assert json.loads((out / "unet" / "config.json").read_text())["down_block_types"] == \
+        ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+
+    recipe.write_text(json.dumps({**TOY, "vae_channels": [32, 32, 32]}))  # an f4 codec asked for
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert main(["pretrain-base", str(data), str(bad), "--recipe", str(recipe), "--vae-from", str(base),
+                 "--no-progress"]) == 2
+    assert "has a codec with 2 levels" in capsys.readouterr().err and not bad.exists()
