@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ from defect_ds.data.shards import ShardWriter, build_manifest, prepare_out_dir, 
 from defect_ds.data.transforms import image_tensors
 from defect_ds.model.components import check_model_dir, tokenize
 from defect_ds.utils.device import resolve_device
+from defect_ds.utils.files import folder_fingerprint
 
 LATENT = "latent.npy"
 LATENT_HFLIP = "latent_hflip.npy"
@@ -78,6 +80,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 # ---- encoding -----------------------------------------------------------------------------------
+def check_codec(manifest: dict, shards_dir: str | Path, pretrained_dir: str | Path) -> None:
+    """Latent shards hold one codec's latents: training them on a base whose VAE differs (another fingerprint;
+    for shards written before fingerprints, another scaling factor) is refused in one sentence. Image shards
+    and a base that shares the codec (`pretrain-base --vae-from`) pass."""
+    if manifest.get("kind") != KIND:
+        return
+    source = manifest.get("latent_source") or {}
+    vae_dir = Path(pretrained_dir) / "vae"
+    if source.get("codec_fingerprint"):
+        same = source["codec_fingerprint"] == folder_fingerprint(vae_dir)
+    else:
+        config = json.loads((vae_dir / "config.json").read_text()) if (vae_dir / "config.json").is_file() else {}
+        same = not ("scaling_factor" in manifest and "scaling_factor" in config) or math.isclose(
+            manifest["scaling_factor"], config["scaling_factor"], rel_tol=1e-6)
+    if not same:
+        raise ValueError(f"{shards_dir} holds latents encoded with the codec of {source.get('pretrained', 'another model')}"
+                         f", not of model.pretrained_dir {pretrained_dir}; encode the image shards again with "
+                         f"`defect-ds prepare latents IMAGES {shards_dir} --pretrained {pretrained_dir} --overwrite`.")
+
+
 def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str | Path, *,
                   resolution_px: int = 512, batch_size: int = 8, device: str = "auto", hflip: bool = True,
                   text_embeddings: bool = False, mean_only: bool = False, overwrite: bool = False,
@@ -126,7 +148,8 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
         scaling_factor=float(vae.config.scaling_factor), latent_channels=latent_channels,
         latent_shape=([] if mean_only else [2]) + [latent_channels, resolution_px // factor, resolution_px // factor],
         latent_stored="mean" if mean_only else "moments", hflip_latents=hflip, text_embeddings=text_embeddings,
-        latent_source={"shards": str(src_dir), "pretrained": str(model_dir)})
+        latent_source={"shards": str(src_dir), "pretrained": str(model_dir),
+                       "codec_fingerprint": folder_fingerprint(Path(model_dir) / "vae")})
     split_file = (extra.get("split") or {}).get("file") if isinstance(extra.get("split"), dict) else None
     if split_file and (Path(src_dir) / split_file).is_file():  # the split record the manifest points to
         shutil.copyfile(Path(src_dir) / split_file, out / split_file)

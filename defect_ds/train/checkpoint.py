@@ -14,7 +14,6 @@ go on when that folder's fingerprint differs from the one the checkpoint recorde
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -26,12 +25,11 @@ import torch
 import torch.distributed as dist
 
 from defect_ds.config import ConfigError
-from defect_ds.utils.files import is_disk_full
+from defect_ds.utils.files import folder_fingerprint, is_disk_full
 
 
 COMMIT_MARKER = "COMMITTED"
 META_FILE = "meta.json"
-FINGERPRINT_CHUNKS = 64  # evenly spaced 64 KiB reads per weight file: any retrained weights change them
 
 
 class CheckpointWriteError(OSError):
@@ -86,22 +84,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def base_fingerprint(pretrained_dir: str | Path) -> str:
-    """A fingerprint of the frozen base a lean checkpoint leaves out: the model folder's configs and
-    weight files (name, size and evenly spaced chunks of their bytes). Reading chunks instead of
-    whole files keeps it under a second for SD 1.5's 4 GB while any other weights still differ."""
-    root = Path(pretrained_dir)
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and (
-        p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "scheduler_config.json")))
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root).as_posix()}:{size}\n".encode())
-        with open(path, "rb") as f:
-            chunk = 1 << 16
-            for i in range(FINGERPRINT_CHUNKS if size > chunk else 1):
-                f.seek(i * max(0, size - chunk) // max(1, FINGERPRINT_CHUNKS - 1))
-                digest.update(f.read(chunk))
-    return digest.hexdigest()[:16]
+    """A fingerprint of the frozen base a lean checkpoint leaves out (`utils.files.folder_fingerprint`)."""
+    return folder_fingerprint(pretrained_dir)
 
 
 def folder_bytes(folder: Path) -> int:

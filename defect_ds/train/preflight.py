@@ -1,9 +1,9 @@
 """Every input of a run checked before the model loads and before anything is written to the run dir.
 
-A launch that fails here (a missing model folder, data that yields no full batch, a DeepSpeed file that
-contradicts the run config, a resume tag that is not committed) stops in seconds with one sentence and
-leaves an existing run's config.json, metrics.jsonl and tensorboard/ as they were. No process group is
-needed: every rank reads the same files and reaches the same verdict.
+A launch that fails here (a missing model folder, data that yields no full batch, latents another codec
+encoded, a DeepSpeed file that contradicts the run config, a resume tag that is not committed) stops in
+seconds with one sentence and leaves an existing run's config.json, metrics.jsonl and tensorboard/ as they
+were. No process group is needed: every rank reads the same files and reaches the same verdict.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defect_ds.config import ConfigError, RunConfig
+from defect_ds.data.latents import check_codec
 from defect_ds.data.loader import plan_epoch
 from defect_ds.data.shards import read_manifest
 from defect_ds.model.components import check_model_dir
@@ -36,6 +37,7 @@ def check_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
     ds_config = build_ds_config(cfg.train.ds_config, cfg.train, cfg.optimizer, world_size)
     check_model_dir(cfg.model.pretrained_dir)
     manifest = read_manifest(cfg.data.train_shards)
+    check_codec(manifest, cfg.data.train_shards, cfg.model.pretrained_dir)
     per_rank = plan_epoch(cfg.data, world_size).samples_per_rank
     micro = cfg.train.micro_batch_size
     if per_rank < micro:

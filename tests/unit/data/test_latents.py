@@ -281,3 +281,41 @@ def test_loader_draws_the_posterior_the_same_whatever_the_global_rng_and_worker_
     assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, latents(0, global_seed=1)))
     assert all(torch.equal(a, b) for a, b in zip(first, latents(2, global_seed=2)))
     assert all(torch.equal(a, b) for a, b in zip(first[2:], latents(0, global_seed=4, skip=2)))
+
+
+def test_latents_train_only_on_a_base_with_their_codec(latent_shards, tiny_model_dir, tmp_path):
+    """The shards record their codec's fingerprint; a base with another VAE is refused in one sentence
+    before the run starts, one that shares the VAE (a UNet retrained with --vae-from) passes."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from defect_ds.config import load_config
+    from defect_ds.data.latents import check_codec
+    from defect_ds.train.preflight import check_run_inputs
+    from defect_ds.utils.files import folder_fingerprint
+
+    out, manifest = latent_shards
+    assert manifest["latent_source"]["codec_fingerprint"] == folder_fingerprint(tiny_model_dir / "vae")
+    same_codec = tmp_path / "same-codec"
+    shutil.copytree(tiny_model_dir, same_codec)
+    (same_codec / "unet" / "config.json").write_text((same_codec / "unet" / "config.json").read_text() + "\n")
+    check_codec(manifest, out, same_codec)
+
+    other = tmp_path / "other-codec"
+    shutil.copytree(tiny_model_dir, other)
+    vae = AutoencoderKL.from_pretrained(other / "vae")
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)
+    vae.save_pretrained(other / "vae")
+    cfg = load_config(None, [f"--model.pretrained_dir={other}", f"--data.train_shards={out}",
+                             "--data.resolution_px=64", "--train.micro_batch_size=1"])
+    with pytest.raises(ValueError, match=r"holds latents encoded with the codec of .*; encode the image shards again") as e:
+        check_run_inputs(cfg, 1)
+    assert "\n" not in str(e.value)
+
+    older = {k: v for k, v in manifest.items() if k != "latent_source"}  # shards written before fingerprints
+    check_codec(older, out, other)  # the same scaling factor: nothing to tell them apart by
+    with pytest.raises(ValueError, match="encode the image shards again"):
+        check_codec({**older, "scaling_factor": 1.3}, out, tiny_model_dir)
+    check_codec({"kind": "images"}, out, other)  # image shards are encoded as they train
