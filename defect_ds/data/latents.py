@@ -80,6 +80,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 # ---- encoding -----------------------------------------------------------------------------------
+def codec_fingerprint(pretrained_dir: str | Path) -> str:
+    """The fingerprint of a model folder's codec: its vae/ weights and config, less where it was loaded from."""
+    return folder_fingerprint(Path(pretrained_dir) / "vae", ignore_config_keys=("_name_or_path", "_diffusers_version"))
+
+
 def check_codec(manifest: dict, shards_dir: str | Path, pretrained_dir: str | Path) -> None:
     """Latent shards hold one codec's latents: training them on a base whose VAE differs (another fingerprint;
     for shards written before fingerprints, another scaling factor) is refused in one sentence. Image shards
@@ -89,7 +94,7 @@ def check_codec(manifest: dict, shards_dir: str | Path, pretrained_dir: str | Pa
     source = manifest.get("latent_source") or {}
     vae_dir = Path(pretrained_dir) / "vae"
     if source.get("codec_fingerprint"):
-        same = source["codec_fingerprint"] == folder_fingerprint(vae_dir)
+        same = source["codec_fingerprint"] == codec_fingerprint(pretrained_dir)
     else:
         config = json.loads((vae_dir / "config.json").read_text()) if (vae_dir / "config.json").is_file() else {}
         same = not ("scaling_factor" in manifest and "scaling_factor" in config) or math.isclose(
@@ -149,7 +154,7 @@ def encode_shards(src_dir: str | Path, out_dir: str | Path, pretrained_dir: str 
         latent_shape=([] if mean_only else [2]) + [latent_channels, resolution_px // factor, resolution_px // factor],
         latent_stored="mean" if mean_only else "moments", hflip_latents=hflip, text_embeddings=text_embeddings,
         latent_source={"shards": str(src_dir), "pretrained": str(model_dir),
-                       "codec_fingerprint": folder_fingerprint(Path(model_dir) / "vae")})
+                       "codec_fingerprint": codec_fingerprint(model_dir)})
     split_file = (extra.get("split") or {}).get("file") if isinstance(extra.get("split"), dict) else None
     if split_file and (Path(src_dir) / split_file).is_file():  # the split record the manifest points to
         shutil.copyfile(Path(src_dir) / split_file, out / split_file)

@@ -126,15 +126,20 @@ def atomic_folder(final: Path, advice: str = "free space and rerun") -> Iterator
 FINGERPRINT_CHUNKS = 64  # evenly spaced 64 KiB reads per weight file: any retrained weights change them
 
 
-def folder_fingerprint(folder: str | Path) -> str:
+def folder_fingerprint(folder: str | Path, ignore_config_keys: tuple[str, ...] = ()) -> str:
     """A fingerprint of a model folder: its configs and weight files (name, size and evenly spaced chunks of
     their bytes). Reading chunks instead of whole files keeps it under a second for SD 1.5's 4 GB while any
-    other weights still differ."""
+    other weights still differ. `ignore_config_keys` leaves those keys of each config.json out (such as
+    diffusers' `_name_or_path`, which says where a model was loaded from, not what it is)."""
     root = Path(folder)
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file() and (
         p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "scheduler_config.json")))
     for path in files:
+        if ignore_config_keys and path.name == "config.json":
+            config = {k: v for k, v in json.loads(path.read_text()).items() if k not in ignore_config_keys}
+            digest.update(f"{path.relative_to(root).as_posix()}:{json.dumps(config, sort_keys=True)}\n".encode())
+            continue
         size = path.stat().st_size
         digest.update(f"{path.relative_to(root).as_posix()}:{size}\n".encode())
         with open(path, "rb") as f:

@@ -291,15 +291,16 @@ def test_latents_train_only_on_a_base_with_their_codec(latent_shards, tiny_model
     from diffusers import AutoencoderKL
 
     from defect_ds.config import load_config
-    from defect_ds.data.latents import check_codec
+    from defect_ds.data.latents import check_codec, codec_fingerprint
     from defect_ds.train.preflight import check_run_inputs
-    from defect_ds.utils.files import folder_fingerprint
 
     out, manifest = latent_shards
-    assert manifest["latent_source"]["codec_fingerprint"] == folder_fingerprint(tiny_model_dir / "vae")
+    assert manifest["latent_source"]["codec_fingerprint"] == codec_fingerprint(tiny_model_dir)
     same_codec = tmp_path / "same-codec"
     shutil.copytree(tiny_model_dir, same_codec)
     (same_codec / "unet" / "config.json").write_text((same_codec / "unet" / "config.json").read_text() + "\n")
+    config = json.loads((same_codec / "vae" / "config.json").read_text())  # saved from elsewhere: same codec
+    (same_codec / "vae" / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere/vae"}))
     check_codec(manifest, out, same_codec)
 
     other = tmp_path / "other-codec"

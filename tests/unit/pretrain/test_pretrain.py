@@ -198,6 +198,9 @@ def test_vae_from_reuses_a_finished_codec_and_refuses_one_the_unet_cannot_take(b
                  "--sample-steps", "1", "--no-progress"]) == 0
     ours, theirs = (load_file(next((b / "vae").glob("*.safetensors"))) for b in (out, base))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    from defect_ds.data.latents import codec_fingerprint
+
+    assert codec_fingerprint(out) == codec_fingerprint(base)  # latents encoded with base's codec train on it
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == \
         json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((out / "recipe.json").read_text())["vae_from"] == str(base.resolve())
