@@ -13,10 +13,21 @@ def test_defaults_validate():
 
 
 def test_every_shipped_config_parses():
+    """Training configs as a RunConfig; a base recipe (a [recipe] section, `defect-ds pretrain-base --config`)
+    as a PretrainConfig. base-attention-32 is the shipped base's recipe with attention at 32x32, nothing else."""
+    from defect_ds.pretrain.recipe import PretrainConfig, read_recipe
+
     files = sorted((ROOT / "configs").glob("*.toml"))
     assert files
     for f in files:
-        load_config(f)
+        if "[recipe]" in f.read_text():
+            recipe = load_config(f, root=PretrainConfig()).recipe
+            if f.stem == "base-attention-32":
+                shipped = read_recipe(ROOT / "models" / "tiny-defect-base" / "recipe.json")
+                changed = {k for k, v in json.loads(recipe.to_json()).items() if shipped.get(k) != v}
+                assert changed == {"unet_attention"} and recipe.unet_attention[0]
+        else:
+            load_config(f)
 
 
 def test_file_then_overrides(tmp_path):
