@@ -185,8 +185,7 @@ def main() -> int:
         split = prepare(work, words, log, bin_dir)
         run = None
         if overrides is not None:
-            run = finetune(source, specs[source][0] if source in specs else variant(source)[0], split, runs, log,
-                           bin_dir)
+            run = finetune(source, variant(source)[0], split, runs, log, bin_dir)
         generated_dirs[name] = generate(name, run, flags, split, work, log, bin_dir)
         times[name] = round(time.time() - started, 1)
         print(f"{name}: data, fine-tune and generation ready ({times[name]} s)", flush=True)
