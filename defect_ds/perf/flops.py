@@ -21,11 +21,20 @@ elementwise and left out, as every MFU convention does.
 - `vae_encode`: the VAE encoder, when images are encoded every step (0 with precomputed latents).
 - `text_encoder`, `text_encoder_backward`: the CLIP text encoder forward (0 when text embeddings are
   precomputed) and, with textual inversion, its backward to the learned token vectors.
+
+Counting takes seconds even for the tiny model (the counter sees every op in Python), and every rank of
+every launch needs the same numbers: `cached_measure_flops` keeps each count in the user's cache
+(`~/.cache/defect-ds/flops`, or under `$XDG_CACHE_HOME`), named by a hash of the arguments, torch's
+version and this file, so a changed model, set-up or counting rule is counted anew.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -34,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from defect_ds.config import LoraConfig
 from defect_ds.model.components import UNET_MODES, add_lora, set_unet_trainable
 from defect_ds.model.tiny import SD15_TEXT, SD15_UNET, SD15_VAE
+from defect_ds.utils.files import atomic_write_json
 
 TEXT_SEQUENCE_LENGTH = 77  # CLIP's context: prompts are padded to it
 
@@ -102,6 +112,35 @@ def measure_flops(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
     return FlopBreakdown(unet_forward=unet_fwd // n, unet_backward=unet_bwd // n, recompute=recompute // n,
                          vae_encode=vae_encode // n, text_encoder=text_fwd // n,
                          text_encoder_backward=text_bwd // n)
+
+
+def flops_cache_dir() -> Path:
+    """Where `cached_measure_flops` keeps its counts."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "defect-ds" / "flops"
+
+
+def cached_measure_flops(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any], text_config: Any, *,
+                         cache_dir: Path | None = None, **kwargs: Any) -> FlopBreakdown:
+    """`measure_flops`, its result kept in `cache_dir` (default `flops_cache_dir()`). A cache that cannot be
+    read or written is only slower: the count is measured and returned all the same."""
+    text = text_config.to_dict() if hasattr(text_config, "to_dict") else dict(text_config)
+    key = json.dumps({"unet": _public(unet_config), "vae": _public(vae_config),
+                      "text": {k: v for k, v in _public(text).items() if k != "transformers_version"},
+                      "kwargs": kwargs, "torch": torch.__version__,
+                      "counter": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
+                     sort_keys=True, default=str)
+    path = Path(cache_dir or flops_cache_dir()) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        return FlopBreakdown(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    flops = measure_flops(unet_config, vae_config, text_config, **kwargs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, dataclasses.asdict(flops))
+    except OSError:
+        pass
+    return flops
 
 
 def measure_sd15(resolution_px: int = 512, **kwargs: Any) -> FlopBreakdown:

@@ -24,7 +24,7 @@ import torch
 
 from defect_ds.config import LoraConfig, ModelConfig
 from defect_ds.perf.cpu_peak import matmul_tflops
-from defect_ds.perf.flops import FlopBreakdown, measure_flops
+from defect_ds.perf.flops import FlopBreakdown, cached_measure_flops, measure_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets. Matched
 # against torch.cuda.get_device_name(), most specific names first.
@@ -141,7 +141,8 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
 def make_meter(model_cfg: ModelConfig, lora_cfg: LoraConfig, resolution_px: int, vae: torch.nn.Module,
                model: torch.nn.Module, dist_info: Any, manifest: dict | None = None,
                peak_tflops_override: float = 0.0) -> ThroughputMeter:
-    """The meter for a training run: FLOPs measured once from the run's own model configs.
+    """The meter for a training run: FLOPs measured once from the run's own model configs (and kept in
+    the user's cache: `cached_measure_flops`).
 
     `model` is the engine's module (with `.unet`, `.text_encoder`, `.text_trains`), `manifest` the
     training shards' manifest (kind "latents": no VAE per step), `peak_tflops_override` the
@@ -150,7 +151,7 @@ def make_meter(model_cfg: ModelConfig, lora_cfg: LoraConfig, resolution_px: int,
     manifest = manifest or {}
     latents = manifest.get("kind") == "latents"
     text_trains = bool(getattr(model, "text_trains", False))
-    flops = measure_flops(
+    flops = cached_measure_flops(
         dict(model.unet.config), dict(vae.config), model.text_encoder.config,
         resolution_px=resolution_px, unet_mode=model_cfg.unet_mode, lora_rank=lora_cfg.rank,
         lora_targets=list(lora_cfg.target_modules),

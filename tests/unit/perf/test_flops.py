@@ -202,3 +202,24 @@ def test_cpu_peak_is_a_matmul_rate_and_bf16_is_native_only_with_its_flags():
     assert cpu_has_native_bf16("flags\t\t: fpu sse avx512f avx512_bf16 \n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags\t\t: fpu sse avx2 avx512f\n")
+
+
+def test_cached_counts_are_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
+    from defect_ds.perf import flops
+
+    args = dict(resolution_px=64, unet_mode="frozen", latents_precomputed=True, text_embeddings_precomputed=True)
+    first = flops.cached_measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, cache_dir=tmp_path, **args)
+    assert first == measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, **args)
+    counted = []
+    monkeypatch.setattr(flops, "measure_flops", lambda *a, **k: counted.append(k) or first)
+    assert flops.cached_measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, cache_dir=tmp_path, **args) == first
+    assert counted == []  # read back, not counted again
+    flops.cached_measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, cache_dir=tmp_path, **{**args, "resolution_px": 128})
+    assert [k["resolution_px"] for k in counted] == [128]  # another set-up is counted anew
+    for entry in tmp_path.glob("*.json"):
+        entry.write_text("{cut")
+    flops.cached_measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, cache_dir=tmp_path, **args)
+    assert len(counted) == 2  # an unreadable entry is counted again
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert flops.cached_measure_flops(TINY_UNET, TINY_VAE, TINY_TEXT, cache_dir=blocked / "sub", **args) == first
