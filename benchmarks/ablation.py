@@ -17,6 +17,8 @@ Levers of the generator, measured the same way but not in the default list (they
                 latent level, the shipped codec kept: make it first with
                 `defect-ds pretrain-base work/data/base work/base-attention-32 --config configs/base-attention-32.toml
                 --vae-from models/tiny-defect-base` (after `make work/data/base/manifest.json`)
+  attention-32-long  attention-32 fine-tuned three times as long (1800 steps): the new adapters at 32x32 start
+                from zero and 600 steps may be too few for them
   guidance-G    the full method's fine-tune, generated with guidance scale G instead of the demo's 6 (e.g. guidance-2)
   pairs-N       the full method's fine-tune, N generated pairs per defect type instead of the demo's 24 (e.g. pairs-96)
                 (generation levers combine with +: guidance-2+pairs-96)
@@ -67,8 +69,9 @@ VARIANTS = {  # name: (training overrides or None for no fine-tune, generation f
     "keep-recognisable": ([], ["--keep-recognisable"], False),
     "conv-lora": ([f"--lora.target_modules={','.join(ATTENTION + FINEST_CONVS)}"], [], False),
     "attention-32": ([f"--model.pretrained_dir={ATTENTION_32_BASE}"], [], False),
+    "attention-32-long": ([f"--model.pretrained_dir={ATTENTION_32_BASE}", "--train.max_steps=1800"], [], False),
 }
-LEVERS = ("keep-recognisable", "conv-lora", "attention-32")
+LEVERS = ("keep-recognisable", "conv-lora", "attention-32", "attention-32-long")
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in LEVERS]
 SAME_RUN = {"nearest-mask": "full", "keep-recognisable": "full"}  # variants that differ only in generation reuse that fine-tune
 GENERATION_LEVERS = {"guidance": "--guidance-scale", "pairs": "--num-per-type"}  # name-VALUE: the full fine-tune
@@ -123,7 +126,8 @@ def prepare(work: Path, words: bool, log: Path, bin_dir: Path) -> Path:
 def finetune(name: str, overrides: list[str], split: Path, runs: Path, log: Path, bin_dir: Path) -> Path:
     run = runs / name
     export = run / "export" / "export.json"
-    if export.is_file() and json.loads(export.read_text()).get("step") == 600:
+    steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("--train.max_steps=")), 600)
+    if export.is_file() and json.loads(export.read_text()).get("step") == steps:
         return run
     sh([str(bin_dir / "deepspeed"), "--log_level", "error", "--num_gpus", "2", "train.py", "--config",
         "configs/default.toml", f"--logging.run_dir={run}", f"--data.train_shards={split / 'shots-latents'}",
@@ -167,8 +171,9 @@ def main() -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     if set(baselines) - {"real", "copy-paste"}:
         raise SystemExit(f"--baselines takes real and copy-paste only (got {args.baselines!r}).")
-    if "attention-32" in variants and not (Path(ATTENTION_32_BASE) / "model_index.json").is_file():
-        raise SystemExit(f"attention-32 needs its base in {ATTENTION_32_BASE}: make it with `defect-ds pretrain-base "
+    on_attention_32 = [v for v in variants if v.startswith("attention-32")]
+    if on_attention_32 and not (Path(ATTENTION_32_BASE) / "model_index.json").is_file():
+        raise SystemExit(f"{on_attention_32[0]} needs its base in {ATTENTION_32_BASE}: make it with `defect-ds pretrain-base "
                          f"work/data/base {ATTENTION_32_BASE} --config configs/base-attention-32.toml --vae-from "
                          "models/tiny-defect-base` (about an hour on 2 cores).")
     validation = Path(args.validation) if args.validation else None

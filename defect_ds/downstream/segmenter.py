@@ -88,13 +88,30 @@ def classification_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     return F.binary_cross_entropy_with_logits(logits[:, 0], masks.flatten(1).amax(dim=1))
 
 
+LOSSES = ("bce-dice", "bce-dice-image", "focal")
+
+
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bce-dice") -> torch.Tensor:
-    """BCE plus soft Dice on the defect class (default), or focal loss (torchvision's, DRAEM's choice)."""
+    """BCE plus soft Dice on the defect class, or focal loss (torchvision's, DRAEM's choice).
+
+    "bce-dice" takes one Dice over the whole batch, so a thin scratch's few pixels weigh little beside a
+    large spot's; "bce-dice-image" takes the mean of each defect image's own Dice, so every defect weighs
+    the same whatever its area (good images, with empty masks, count through the BCE only)."""
+    if kind not in LOSSES:
+        raise ValueError(f"Unknown segmentation loss {kind!r}; use one of {', '.join(LOSSES)}.")
     if kind == "focal":
         return sigmoid_focal_loss(logits, masks, alpha=0.25, gamma=2.0, reduction="mean") * 10
     probs = torch.sigmoid(logits)
-    dice = 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, masks) + dice
+    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    if kind == "bce-dice":
+        return bce + 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
+    area = masks.flatten(1).sum(dim=1)
+    has_defect = area > 0
+    if not has_defect.any():
+        return bce
+    overlap = (probs * masks).flatten(1).sum(dim=1)[has_defect]
+    dice = 1 - (2 * overlap + 1) / (probs.flatten(1).sum(dim=1)[has_defect] + area[has_defect] + 1)
+    return bce + dice.mean()
 
 
 def jitter_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator

@@ -12,7 +12,7 @@ import torch
 
 from defect_ds.cli import main
 from defect_ds.downstream.arms import ArmSampler, Pairs, paste
-from defect_ds.downstream.segmenter import jitter_batch, predict, to_tensor
+from defect_ds.downstream.segmenter import jitter_batch, predict, segmentation_loss, to_tensor
 from defect_ds.downstream.scores import score, score_by_type
 from defect_ds.downstream.split import choose
 from defect_ds.data.reader import iter_dataset
@@ -111,6 +111,24 @@ def test_flip_averaged_prediction_maps_each_flip_back_onto_the_image():
     expected = (torch.sigmoid(x + ramp) + torch.sigmoid(x - ramp)) / 2
     assert np.allclose(averaged, expected[:, 0].numpy(), atol=1e-6)
     assert not np.allclose(plain, averaged, atol=1e-3)
+
+
+def test_per_image_dice_weighs_a_missed_thin_defect_as_much_as_a_found_large_one():
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[0, 0, 8, 2:14] = 1  # a one-pixel line
+    masks[1, 0, 2:14, 2:14] = 1  # a large spot; image 2 is good
+    logits = torch.full_like(masks, -20.0)
+    logits[1] = torch.where(masks[1].bool(), 20.0, -20.0)  # finds the spot, misses the line
+    batch, per_image = (segmentation_loss(logits, masks, kind).item() for kind in ("bce-dice", "bce-dice-image"))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks).item()
+    assert batch - bce == pytest.approx(1 - (2 * 144 + 1) / (144 + 156 + 1), abs=1e-4)  # the line's 12 pixels of 156
+    assert per_image - bce == pytest.approx(((1 - 1 / 13) + 0) / 2, abs=1e-4)  # the line's Dice is half the loss
+    perfect = torch.where(masks.bool(), 20.0, -20.0)
+    assert segmentation_loss(perfect, masks, "bce-dice-image").item() < 1e-3
+    only_good = torch.zeros(2, 1, 16, 16)
+    assert segmentation_loss(perfect[2:], only_good[:1], "bce-dice-image").item() < 1e-3  # BCE alone
+    with pytest.raises(ValueError, match="Unknown segmentation loss"):
+        segmentation_loss(perfect, masks, "dice")
 
 
 def test_arm_samplers_draw_from_their_own_source():
@@ -457,13 +475,15 @@ def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script
     assert bench.variant("guidance-2+pairs-96") == ([], ["--guidance-scale", "2", "--num-per-type", "96"], False, "full")
     assert bench.variant("keep-recognisable")[3] == "full"  # generation only: the full method's fine-tune
     assert bench.variant("no-finetune")[0] is None
+    assert "--train.max_steps=1800" in bench.variant("attention-32-long")[0]
     for bad in ("guidance-x", "pairs", "colour-2"):
         with pytest.raises(SystemExit, match="Unknown variant"):
             bench.variant(bad)
     for argv, message in ((["--variants", "no-gating"], "must include full"),
                           (["--baselines", "generated"], "real and copy-paste only"),
                           (["--validation", str(tmp_path / "none")], "no test side"),
-                          (["--variants", "full,attention-32"], "attention-32 needs its base")):
+                          (["--variants", "full,attention-32"], "attention-32 needs its base"),
+                          (["--variants", "full,attention-32-long"], "attention-32-long needs its base")):
         monkeypatch.setattr("sys.argv", ["ablation.py", "--work", str(tmp_path / "w"), *argv])
         with pytest.raises(SystemExit, match=message):
             bench.main()
