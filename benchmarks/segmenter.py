@@ -24,6 +24,7 @@ import numpy as np
 from defect_ds.downstream.arms import TASK_ARMS
 from defect_ds.downstream.cli import environment, load_pairs, load_test
 from defect_ds.downstream.compare import compare
+from defect_ds.downstream.segmenter import DEFAULT_LOSS
 from defect_ds.downstream.runner import ArmData, SegmenterSettings, default_workers, run_jobs
 
 ARMS = ("real", "copy-paste")
@@ -38,7 +39,7 @@ def parse_config(config: str, batch_size: int) -> SegmenterSettings:
     unknown = set(extra) - {"ema", "lr", "batch", "flips", "loss"}
     if unknown:
         raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr, batch, flips or loss.")
-    return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width, extra.get("loss", "bce-dice"),
+    return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width, extra.get("loss", DEFAULT_LOSS),
                              learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)),
                              flips=extra.get("flips", "0") not in ("0", "false", "no"))
 
@@ -86,6 +87,7 @@ def main() -> int:
                              "what `defect-ds generate` wrote.")
         data.generated = {a: pairs for a in needs_pairs}
     results = {"settings": vars(args), "configs": {}}
+    evidence_of: dict[str, dict] = {}  # config -> arm -> per-seed evidence, for the configs' paired differences
     for config in args.configs.split(","):
         settings = parse_config(config, args.batch_size)
         per_seed = {a: [None] * args.seeds for a in arms}
@@ -120,6 +122,12 @@ def main() -> int:
                 a: [c for c in compare({"flips": evidence_by[a], "unflipped": [u[1] for u in unflipped[a]]},
                                        data.test.types, baselines=("unflipped",), metrics=("pixel_ap",))
                     if c["type"] == "all"][0] for a in arms}
+        evidence_of[config] = evidence_by
+        first = next(iter(evidence_of))
+        if config != first:  # the same seeds and images: each arm's paired difference from the first config
+            record["against_first"] = {
+                a: compare({config: evidence_by[a], first: evidence_of[first][a]}, data.test.types,
+                           baselines=(first,), metrics=("pixel_ap",)) for a in arms}
         results["configs"][config] = record
         print(config, json.dumps(record), flush=True)
     results["environment"] = environment()
@@ -148,6 +156,15 @@ def main() -> int:
         for c, rows in others.items():
             lines.append(f"- {c}: " + "; ".join(f"{d['arm']} vs {d['baseline']} {d['difference']:+.3f} "
                                                  f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] {d['verdict']}" for d in rows))
+    against = {c: r["against_first"] for c, r in results["configs"].items() if "against_first" in r}
+    if against:
+        lines += ["", f"Each config minus the first ({next(iter(results['configs']))}), the same seeds and images "
+                  "(pixel AP, 95% interval over seeds and images; all types, then each type):", ""]
+        for c, per_arm in against.items():
+            for a, rows in per_arm.items():
+                lines.append(f"- {c}, {a}: " + "; ".join(
+                    f"{d['type']} {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] {d['verdict']}"
+                    for d in rows))
     flipped = {c: r["flips_minus_unflipped"] for c, r in results["configs"].items() if "flips_minus_unflipped" in r}
     if flipped:
         lines += ["", "Flips minus no flips, the same segmenters (pixel AP, 95% interval over seeds and images):", ""]

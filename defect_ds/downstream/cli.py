@@ -29,7 +29,7 @@ from defect_ds.downstream import report
 from defect_ds.downstream.arms import BASELINES, TASK_ARMS, Pairs
 from defect_ds.downstream.compare import CLASSIFY_METRICS, METRICS, compare
 from defect_ds.downstream.runner import ArmData, Outcome, SegmenterSettings, default_workers, run_jobs
-from defect_ds.downstream.segmenter import LOSSES
+from defect_ds.downstream.segmenter import DEFAULT_LOSS, LOSSES
 from defect_ds.downstream.split import SPLIT_FILE, split_dataset
 from defect_ds.data.reader import iter_dataset, load_mask, load_rgb
 from defect_ds.utils.files import atomic_write_json
@@ -325,7 +325,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--steps", type=int, default=STEPS, help="segmenter training steps per arm and seed")
     e.add_argument("--batch-size", type=int, default=16, help="half defect samples, half good images")
     e.add_argument("--resolution-px", type=int, default=64)
-    e.add_argument("--loss", choices=LOSSES, default="bce-dice")
+    e.add_argument("--loss", choices=LOSSES, default=DEFAULT_LOSS,
+                   help="bce-dice-image: BCE plus each defect image's own Dice (default); bce-dice: one Dice "
+                        "over the batch (before 2026-12-03); focal: DRAEM's")
     e.add_argument("--width", type=int, default=WIDTH, help="channels of the segmenter's first level (x2 per level)")
     e.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the paired intervals")
     e.add_argument("--no-flips", action="store_true", default=not FLIPS,

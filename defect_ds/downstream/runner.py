@@ -33,6 +33,7 @@ from defect_ds.data.sample import GOOD
 from defect_ds.downstream.arms import ArmSampler, Pairs
 from defect_ds.downstream.compare import Evidence, evidence, image_evidence
 from defect_ds.downstream.scores import score_by_type
+from defect_ds.downstream.segmenter import DEFAULT_LOSS
 from defect_ds.utils.files import atomic_write_bytes
 
 
@@ -41,7 +42,7 @@ class SegmenterSettings:
     steps: int
     batch_size: int
     width: int
-    loss: str = "bce-dice"
+    loss: str = DEFAULT_LOSS
     learning_rate: float = 2e-3
     ema_decay: float = 0.0
     task: str = "segment"  # or "classify": a DefectClassifier scored on image labels

@@ -88,10 +88,13 @@ def classification_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     return F.binary_cross_entropy_with_logits(logits[:, 0], masks.flatten(1).amax(dim=1))
 
 
-LOSSES = ("bce-dice", "bce-dice-image", "focal")
+LOSSES = ("bce-dice-image", "bce-dice", "focal")
+# each image's own Dice: on the validation draw it lifted every arm's scratches and narrowed the seeds' spread
+# (benchmarks/results/segmenter-2026-12-03-image-dice-val-amx.md, docs/downstream.md)
+DEFAULT_LOSS = "bce-dice-image"
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "bce-dice") -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = DEFAULT_LOSS) -> torch.Tensor:
     """BCE plus soft Dice on the defect class, or focal loss (torchvision's, DRAEM's choice).
 
     "bce-dice" takes one Dice over the whole batch, so a thin scratch's few pixels weigh little beside a
@@ -143,7 +146,7 @@ def learning_rate_at(step: int, steps: int, peak: float, warmup_steps: int) -> f
 
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
-                    seed: int, width: int = 16, loss: str = "bce-dice", learning_rate: float = 2e-3,
+                    seed: int, width: int = 16, loss: str = DEFAULT_LOSS, learning_rate: float = 2e-3,
                     warmup_steps: int = 30, clip_norm: float = 1.0, ema_decay: float = 0.0,
                     on_step: Callable[[int], None] | None = None, task: str = "segment") -> nn.Module:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images.
