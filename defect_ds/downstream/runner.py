@@ -47,6 +47,7 @@ class SegmenterSettings:
     ema_decay: float = 0.0
     task: str = "segment"  # or "classify": a DefectClassifier scored on image labels
     flips: bool = False  # score the mean over the test image's flips (`predict(flips=True)`)
+    members: int = 1  # segmenters per seed, their probabilities averaged (member m > 0 trains from seed + 10000 m)
 
 
 @dataclass
@@ -91,18 +92,23 @@ def _run(arm: str, seed: int) -> Outcome:
         kind = arm.split("@")[0]  # "generated@variant": the generated arm with that variant's pairs
         sampler = _STATE["samplers"][arm] = ArmSampler(kind, data.shots, data.goods, data.generated.get(arm),
                                                        data.pool)
-    net = train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
-                          batch_size=settings.batch_size, seed=seed, width=settings.width, loss=settings.loss,
-                          learning_rate=settings.learning_rate, ema_decay=settings.ema_decay, task=settings.task)
+    nets = [train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
+                            batch_size=settings.batch_size, seed=seed + MEMBER_SEED_STRIDE * member,
+                            width=settings.width, loss=settings.loss, learning_rate=settings.learning_rate,
+                            ema_decay=settings.ema_decay, task=settings.task)
+            for member in range(settings.members)]
     outcomes = []
     for flips in ((False, True) if settings.flips else (False,)):
-        probs = predict(net, data.test.images, flips=flips)
+        probs = np.mean([predict(net, data.test.images, flips=flips) for net in nets], axis=0)
         scores = score_by_type(probs, data.test.masks, data.test.types, task=settings.task)
         outcomes.append((scores, image_evidence(probs, np.array(data.test.types) != GOOD)
                          if settings.task == "classify" else evidence(probs, data.test.masks)))
     grid = probs[_STATE["grid_rows"]] if seed == 0 and settings.task == "segment" else None
     return Outcome(arm, seed, *outcomes[-1], grid, unflipped=outcomes[0] if settings.flips else None,
                    seconds=time.perf_counter() - started)
+
+
+MEMBER_SEED_STRIDE = 10_000  # member m of seed s trains from seed s + 10000 m: member 0 is the seed's own net
 
 
 def default_workers() -> int:
@@ -113,9 +119,9 @@ def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]
     """A name for what decides one arm's outcomes: the shots, good images, test set, the arm's own generated
     pairs (or pool, for all-real) and the settings. Other arms' data stay out of it, so an evaluation with
     more or fewer arms (the demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in
-    common. Settings added later (`task`, `flips`) stay out of the hash at their defaults, so kept segmenters stay valid."""
+    common. Settings added later (`task`, `flips`, `members`) stay out of the hash at their defaults, so kept segmenters stay valid."""
     named_settings = dataclasses.asdict(settings)
-    for name, default in (("task", "segment"), ("flips", False)):
+    for name, default in (("task", "segment"), ("flips", False), ("members", 1)):
         if named_settings[name] == default:
             del named_settings[name]
     h = hashlib.sha256(repr((named_settings, grid_rows, arm)).encode())

@@ -372,6 +372,32 @@ def test_segmenter_results_do_not_depend_on_the_number_of_workers(split_dir):
     assert results[0] == results[1] and len(results[0]) == 2
 
 
+def test_members_average_the_probabilities_of_their_seeds_nets(split_dir, monkeypatch):
+    from defect_ds.downstream import runner
+    from defect_ds.downstream.cli import load_pairs, load_test
+    from defect_ds.downstream.segmenter import predict as real_predict
+
+    data = runner.ArmData(load_pairs(split_dir / "shots", 32, defects=True),
+                          load_pairs(split_dir / "shots", 32, defects=False).images, {},
+                          load_test(split_dir / "test", 32))
+    probs = {}  # members -> the probabilities scored; trained nets -> their own probabilities
+    nets = []
+    monkeypatch.setattr("defect_ds.downstream.segmenter.predict", lambda net, images, flips=False: (
+        nets.append((net, real_predict(net, images))) or nets[-1][1]))
+    for members in (1, 2):
+        nets.clear()
+        runner.run_jobs([("real", 3)], data, runner.SegmenterSettings(3, 4, 4, members=members), workers=1,
+                        grid_rows=[0], on_done=lambda o: probs.__setitem__(members, o.scores["all"]["pixel_ap"]))
+        assert len(nets) == members
+    own = [p for _, p in nets]
+    assert not np.allclose(own[0], own[1])  # member 1 trains from its own seed
+    single = runner.score_by_type(own[0], data.test.masks, data.test.types)["all"]["pixel_ap"]
+    mean = runner.score_by_type((own[0] + own[1]) / 2, data.test.masks, data.test.types)["all"]["pixel_ap"]
+    assert probs == {1: single, 2: mean}  # member 0 is the seed's own net; two members score their mean
+    one, two = (runner.fingerprint(data, runner.SegmenterSettings(3, 4, 4, members=k), [0], "real") for k in (1, 2))
+    assert one != two and one == runner.fingerprint(data, runner.SegmenterSettings(3, 4, 4), [0], "real")
+
+
 def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_not(split_dir, tmp_path, monkeypatch):
     from defect_ds.downstream import runner
     from defect_ds.downstream.cli import load_pairs, load_test
