@@ -41,6 +41,8 @@ def parse_config(config: str, batch_size: int) -> SegmenterSettings:
     if unknown:
         raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr, batch, flips, loss "
                          "or members.")
+    if int(extra.get("members", 1)) < 1:
+        raise SystemExit(f"Config {config!r} asks for {extra['members']} members; use at least 1.")
     return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width, extra.get("loss", DEFAULT_LOSS),
                              learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)),
                              flips=extra.get("flips", "0") not in ("0", "false", "no"),
