@@ -3,7 +3,7 @@
     python benchmarks/segmenter.py work/downstream work/downstream-val --configs 8x300,8x300:ema=0.99,16x300
 
 Each config (WIDTHxSTEPS, then optional :ema=DECAY, :lr=PEAK, :batch=N, :flips=1, :loss=KIND, :members=K: K
-segmenters per seed, their probabilities averaged) trains the `real` and `copy-paste` arms
+segmenters per seed, their probabilities averaged, :colour=S: per-sample colour jitter of strength S in training) trains the `real` and `copy-paste` arms
 (and, with --generated, the arms that use generated pairs) on the shots of SPLIT with SEEDS seeds and scores them on VALIDATION: the test side of a split of an independent draw of the same data set (for
 the synthetic set, `defect-ds prepare synthetic --seed 2`), standing in for the user's own validation
 images. Reported per config: each arm's per-seed pixel AP, its spread and worst seed (a collapse shows
@@ -37,16 +37,16 @@ def parse_config(config: str, batch_size: int) -> SegmenterSettings:
     size, *options = config.split(":")
     width, steps = (int(v) for v in size.split("x"))
     extra = dict(option.split("=") for option in options)
-    unknown = set(extra) - {"ema", "lr", "batch", "flips", "loss", "members"}
+    unknown = set(extra) - {"ema", "lr", "batch", "flips", "loss", "members", "colour"}
     if unknown:
-        raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr, batch, flips, loss "
-                         "or members.")
+        raise SystemExit(f"Config {config!r} has unknown options {sorted(unknown)}; use ema, lr, batch, flips, loss, "
+                         "members or colour.")
     if int(extra.get("members", 1)) < 1:
         raise SystemExit(f"Config {config!r} asks for {extra['members']} members; use at least 1.")
     return SegmenterSettings(steps, int(extra.get("batch", batch_size)), width, extra.get("loss", DEFAULT_LOSS),
                              learning_rate=float(extra.get("lr", 2e-3)), ema_decay=float(extra.get("ema", 0)),
                              flips=extra.get("flips", "0") not in ("0", "false", "no"),
-                             members=int(extra.get("members", 1)))
+                             members=int(extra.get("members", 1)), colour=float(extra.get("colour", 0)))
 
 
 def arm_record(per_seed: list[dict]) -> dict:
@@ -62,7 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("split", help="the split whose shots train the segmenters (`defect-ds downstream split`)")
     p.add_argument("validation", help="a split of an independent draw; its test side scores them")
-    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N][:flips=1][:loss=K][:members=K]")
+    p.add_argument("--configs", default="8x300,16x300", help="comma-separated WIDTHxSTEPS[:ema=D][:lr=L][:batch=N][:flips=1][:loss=K][:members=K][:colour=S]")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--arms", default=",".join(ARMS),
                    help=f"comma-separated of {', '.join(ARMS + GENERATED_ARMS)} (the differences need real and copy-paste)")

@@ -48,6 +48,7 @@ class SegmenterSettings:
     task: str = "segment"  # or "classify": a DefectClassifier scored on image labels
     flips: bool = False  # score the mean over the test image's flips (`predict(flips=True)`)
     members: int = 1  # segmenters per seed, their probabilities averaged (member m > 0 trains from seed + 10000 m)
+    colour: float = 0.0  # strength of the per-sample colour jitter in training (`colour_jitter_batch`); 0: none
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _run(arm: str, seed: int) -> Outcome:
     nets = [train_segmenter(sampler.defect_batch, sampler.good_batch, steps=settings.steps,
                             batch_size=settings.batch_size, seed=seed + MEMBER_SEED_STRIDE * member,
                             width=settings.width, loss=settings.loss, learning_rate=settings.learning_rate,
-                            ema_decay=settings.ema_decay, task=settings.task)
+                            ema_decay=settings.ema_decay, colour=settings.colour, task=settings.task)
             for member in range(settings.members)]
     outcomes = []
     for flips in ((False, True) if settings.flips else (False,)):
@@ -119,9 +120,10 @@ def fingerprint(data: ArmData, settings: SegmenterSettings, grid_rows: list[int]
     """A name for what decides one arm's outcomes: the shots, good images, test set, the arm's own generated
     pairs (or pool, for all-real) and the settings. Other arms' data stay out of it, so an evaluation with
     more or fewer arms (the demo's and `make benchmark-downstream`'s) reuses the segmenters the two have in
-    common. Settings added later (`task`, `flips`, `members`) stay out of the hash at their defaults, so kept segmenters stay valid."""
+    common. Settings added later (`task`, `flips`, `members`, `colour`) stay out of the hash at their defaults, so kept
+    segmenters stay valid."""
     named_settings = dataclasses.asdict(settings)
-    for name, default in (("task", "segment"), ("flips", False), ("members", 1)):
+    for name, default in (("task", "segment"), ("flips", False), ("members", 1), ("colour", 0.0)):
         if named_settings[name] == default:
             del named_settings[name]
     h = hashlib.sha256(repr((named_settings, grid_rows, arm)).encode())

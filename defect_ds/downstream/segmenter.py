@@ -136,6 +136,30 @@ def jitter_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Gener
     return images, masks
 
 
+# RGB -> YIQ: luma and two chroma axes; a rotation of the chroma plane turns the hue, a scale of it the saturation
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_jitter_batch(images: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:
+    """Per sample: brightness shifted by up to `strength` (images in [-1, 1]), contrast about the image's mean
+    and saturation scaled by 1 +- strength, hue turned by up to strength * 90 degrees; one 3x3 colour matrix
+    per image, applied to the whole batch at once. Masks are untouched: a defect keeps its pixels, not its
+    colour, so the segmenter cannot rely on one shade (generated and real defects differ most in it)."""
+    n = len(images)
+    brightness = torch.from_numpy(rng.uniform(-strength, strength, n)).float()
+    contrast = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, n)).float()
+    saturation = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, n)).float()
+    hue = torch.from_numpy(rng.uniform(-strength, strength, n) * math.pi / 2).float()
+    chroma = torch.zeros(n, 3, 3)
+    chroma[:, 0, 0] = 1.0
+    chroma[:, 1, 1], chroma[:, 1, 2] = saturation * torch.cos(hue), -saturation * torch.sin(hue)
+    chroma[:, 2, 1], chroma[:, 2, 2] = saturation * torch.sin(hue), saturation * torch.cos(hue)
+    matrix = torch.linalg.inv(_YIQ) @ chroma @ _YIQ  # (N, 3, 3), RGB -> RGB
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    out = torch.einsum("nij,njhw->nihw", matrix, images - mean) * contrast.view(n, 1, 1, 1)
+    return (out + mean + brightness.view(n, 1, 1, 1)).clamp(-1.0, 1.0)
+
+
 def learning_rate_at(step: int, steps: int, peak: float, warmup_steps: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to zero at `steps`."""
     if step < warmup_steps:
@@ -147,13 +171,14 @@ def learning_rate_at(step: int, steps: int, peak: float, warmup_steps: int) -> f
 def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                     good_batch: Callable[[np.random.Generator, int], np.ndarray], *, steps: int, batch_size: int,
                     seed: int, width: int = 16, loss: str = DEFAULT_LOSS, learning_rate: float = 2e-3,
-                    warmup_steps: int = 30, clip_norm: float = 1.0, ema_decay: float = 0.0,
+                    warmup_steps: int = 30, clip_norm: float = 1.0, ema_decay: float = 0.0, colour: float = 0.0,
                     on_step: Callable[[int], None] | None = None, task: str = "segment") -> nn.Module:
     """defect_batch(rng, n) -> (uint8 images n,H,W,3, 0/1 masks n,H,W); good_batch(rng, n) -> images.
     The initial weights and the augmentation are functions of `seed` alone, so arms share them.
     task "classify" trains a `DefectClassifier` on whether each sample has a defect pixel (`loss` unused).
     ema_decay > 0 returns the exponential moving average of the weights (torch's AveragedModel) instead
-    of the last step's: one late batch moves the average less than it moves the last weights."""
+    of the last step's: one late batch moves the average less than it moves the last weights.
+    colour > 0 adds `colour_jitter_batch` of that strength, from its own stream (the affine jitter is unchanged)."""
     if steps < 1 or batch_size < 2:
         raise ValueError(f"The segmenter needs steps >= 1 and batch_size >= 2 (got {steps} and {batch_size}).")
     if task not in NETS:
@@ -165,6 +190,7 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     augment_rng = np.random.default_rng([seed, 1])  # the same jitter stream for every arm
+    colour_rng = np.random.default_rng([seed, 2])
     n_defect = batch_size // 2
     net.train()
     for step in range(steps):
@@ -173,6 +199,8 @@ def train_segmenter(defect_batch: Callable[[np.random.Generator, int], tuple[np.
         x = to_tensor(np.concatenate([images, goods]))
         y = torch.from_numpy(np.concatenate([masks, np.zeros((len(goods), *masks.shape[1:]), masks.dtype)]))
         x, y = jitter_batch(x, y.float().unsqueeze(1), augment_rng)
+        if colour > 0:
+            x = colour_jitter_batch(x, colour_rng, colour)
         x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, steps, learning_rate, min(warmup_steps, steps))

@@ -12,7 +12,7 @@ import torch
 
 from defect_ds.cli import main
 from defect_ds.downstream.arms import ArmSampler, Pairs, paste
-from defect_ds.downstream.segmenter import jitter_batch, predict, segmentation_loss, to_tensor
+from defect_ds.downstream.segmenter import colour_jitter_batch, jitter_batch, predict, segmentation_loss, to_tensor
 from defect_ds.downstream.scores import score, score_by_type
 from defect_ds.downstream.split import choose
 from defect_ds.data.reader import iter_dataset
@@ -90,6 +90,19 @@ def test_jitter_keeps_masks_binary_and_aligned():
         m = out_mask[i, 0] == 1
         assert m.any() and out_image[i, :, m].mean() > 200 / 127.5 - 1  # the defect pixels moved with their mask
     assert not torch.equal(out_mask[0], out_mask[1])  # each sample drew its own jitter
+
+
+def test_colour_jitter_changes_each_images_colours_and_keeps_grey_grey():
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    images[:, :, 0] = 0.25  # a grey row
+    assert torch.allclose(colour_jitter_batch(images, np.random.default_rng(0), 0.0), images, atol=1e-6)
+    out = colour_jitter_batch(images, np.random.default_rng(0), 0.3)
+    assert torch.equal(out, colour_jitter_batch(images, np.random.default_rng(0), 0.3))  # a function of the stream
+    assert out.min() >= -1 and out.max() <= 1
+    grey = out[:, :, 0]  # hue and saturation leave grey grey; brightness and contrast move it
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+    change = (out - images).abs().mean(dim=(1, 2, 3))
+    assert (change > 0.01).all() and change.unique().numel() == 6  # each image drew its own
 
 
 class _LeftLeaning(torch.nn.Module):
@@ -398,6 +411,25 @@ def test_members_average_the_probabilities_of_their_seeds_nets(split_dir, monkey
     assert one != two and one == runner.fingerprint(data, runner.SegmenterSettings(3, 4, 4), [0], "real")
 
 
+def test_colour_jitter_reaches_training_and_its_fingerprint_only_when_on(split_dir, monkeypatch):
+    from defect_ds.downstream import runner, segmenter
+    from defect_ds.downstream.cli import load_pairs, load_test
+
+    data = runner.ArmData(load_pairs(split_dir / "shots", 32, defects=True),
+                          load_pairs(split_dir / "shots", 32, defects=False).images, {},
+                          load_test(split_dir / "test", 32))
+    strengths = []
+    real = segmenter.colour_jitter_batch
+    monkeypatch.setattr(segmenter, "colour_jitter_batch",
+                        lambda x, rng, strength: strengths.append(strength) or real(x, rng, strength))
+    runner._init(data, runner.SegmenterSettings(2, 4, 4, colour=0.2), [0], 1)
+    runner._run("real", 0)
+    assert strengths == [0.2, 0.2]  # every step of the one net
+    plain, jittered = (runner.fingerprint(data, runner.SegmenterSettings(3, 4, 4, colour=c), [0], "real")
+                       for c in (0.0, 0.2))
+    assert plain != jittered and plain == runner.fingerprint(data, runner.SegmenterSettings(3, 4, 4), [0], "real")
+
+
 def test_an_interrupted_evaluation_reuses_what_it_scored_and_a_changed_one_does_not(split_dir, tmp_path, monkeypatch):
     from defect_ds.downstream import runner
     from defect_ds.downstream.cli import load_pairs, load_test
@@ -456,6 +488,17 @@ def test_segmenter_benchmark_scores_flips_and_the_same_nets_without_them(split_d
         d = record["flips_minus_unflipped"][arm]
         assert d["baseline"] == "unflipped" and d["ci_low"] <= d["difference"] <= d["ci_high"]
     assert "the same nets without flips" in next(tmp_path.glob("segmenter-*-t.md")).read_text()
+
+
+def test_segmenter_benchmark_reads_its_config_options_and_refuses_bad_ones(load_script):
+    bench = load_script("benchmarks/segmenter.py")
+    settings = bench.parse_config("16x40:flips=1:members=2:colour=0.2:loss=focal", 8)
+    assert (settings.width, settings.steps, settings.batch_size) == (16, 40, 8)
+    assert settings.flips and settings.members == 2 and settings.colour == 0.2 and settings.loss == "focal"
+    with pytest.raises(SystemExit, match="unknown options"):
+        bench.parse_config("8x40:colours=0.2", 16)
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.parse_config("8x40:members=0", 16)
 
 
 def test_segmenter_benchmark_compares_the_arms_with_generated_pairs_with_both_baselines(split_dir, tmp_path,
