@@ -23,6 +23,10 @@ Levers of the generator, measured the same way but not in the default list (they
   pairs-N       the full method's fine-tune, N generated pairs per defect type instead of the demo's 24 (e.g. pairs-96)
                 (generation levers combine with +: guidance-2+pairs-96)
 
+Resolution: `--resolution-px 96` (with its own --work and --runs) renders the data, fine-tunes, generates and
+scores at 96 px, every variant and baseline alike; the base stays the shipped one, trained at 64 px. Its
+validation draw must be rendered at the same size. Variants are comparable within one resolution only.
+
 A lever is chosen on validation images, never on the test set: `--validation work/val/split` scores every
 segmenter on the test side of an independent draw's split (`defect-ds prepare synthetic --seed 2`, split the
 same way) instead of the ablation's own test images. `--baselines copy-paste` also trains that arm with the
@@ -96,6 +100,15 @@ def variant(name: str) -> tuple[list[str] | None, list[str], bool, str]:
     return [], flags, False, "full"
 
 
+def drawn_at(split: Path) -> int | None:
+    """The resolution of the data a split was made from (its manifest), or None when that cannot be read."""
+    try:
+        data = Path(json.loads((split / "split.json").read_text())["data"])
+        return int(json.loads((data / "manifest.json").read_text())["resolution_px"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def sh(cmd: list[str], log: Path) -> None:
     """Runs one stage, its output in `log`; a failing stage stops the ablation with that log's tail."""
     print("+", " ".join(cmd), flush=True)
@@ -106,24 +119,25 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"stage failed (exit {rc}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
-def prepare(work: Path, words: bool, log: Path, bin_dir: Path) -> Path:
+def prepare(work: Path, words: bool, log: Path, bin_dir: Path, resolution: int = 64) -> Path:
     """The demo's data and split (plain-word captions when `words`); returns the split folder."""
     name = "words" if words else "tokens"
     data, split = work / f"data-{name}", work / f"split-{name}"
     if not (data / "manifest.json").is_file():
         flags = [f"--token={t}={t}" for t in TYPES] if words else []
-        sh([str(bin_dir / "defect-ds"), "prepare", "synthetic", str(data), "--resolution-px", "64",
+        sh([str(bin_dir / "defect-ds"), "prepare", "synthetic", str(data), "--resolution-px", str(resolution),
             "--per-defect", "38", "--good-per-category", "70", "--no-progress", "--overwrite", *flags], log)
     if not (split / "split.json").is_file():
         sh([str(bin_dir / "defect-ds"), "downstream", "split", str(data), str(split), "--shots", "12",
             "--overwrite"], log)
     if not (split / "shots-latents" / "manifest.json").is_file():
         sh([str(bin_dir / "defect-ds"), "prepare", "latents", str(split / "shots"), str(split / "shots-latents"),
-            "--pretrained", "models/tiny-defect-base", "--resolution-px", "64", "--overwrite"], log)
+            "--pretrained", "models/tiny-defect-base", "--resolution-px", str(resolution), "--overwrite"], log)
     return split
 
 
-def finetune(name: str, overrides: list[str], split: Path, runs: Path, log: Path, bin_dir: Path) -> Path:
+def finetune(name: str, overrides: list[str], split: Path, runs: Path, log: Path, bin_dir: Path,
+             resolution: int = 64) -> Path:
     run = runs / name
     export = run / "export" / "export.json"
     steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("--train.max_steps=")), 600)
@@ -131,7 +145,7 @@ def finetune(name: str, overrides: list[str], split: Path, runs: Path, log: Path
         return run
     sh([str(bin_dir / "deepspeed"), "--log_level", "error", "--num_gpus", "2", "train.py", "--config",
         "configs/default.toml", f"--logging.run_dir={run}", f"--data.train_shards={split / 'shots-latents'}",
-        "--checkpoint.resume=latest", *overrides], log)
+        "--checkpoint.resume=latest", f"--data.resolution_px={resolution}", *overrides], log)
     return run
 
 
@@ -162,6 +176,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--width", type=int, default=WIDTH)
     p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--resolution-px", type=int, default=64,
+                   help="data, fine-tune, generation and segmenters at this size (use its own --work and --runs)")
     p.add_argument("--tag", default="", help="suffix of the results' file names")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -179,6 +195,10 @@ def main() -> int:
     validation = Path(args.validation) if args.validation else None
     if validation and not (validation / "test").is_dir():
         raise SystemExit(f"--validation {validation} has no test side: give a folder `defect-ds downstream split` wrote.")
+    size = args.resolution_px
+    if validation and (drawn := drawn_at(validation)) not in (None, size):
+        raise SystemExit(f"--validation {validation} was drawn at {drawn} px and the ablation runs at {size} px: "
+                         f"render the validation draw at {size} px too.")
     work, runs = Path(args.work), Path(args.runs)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "ablation.log"
@@ -187,16 +207,15 @@ def main() -> int:
     for name in variants:
         overrides, flags, words, source = specs[name]
         started = time.time()
-        split = prepare(work, words, log, bin_dir)
+        split = prepare(work, words, log, bin_dir, size)
         run = None
         if overrides is not None:
-            run = finetune(source, variant(source)[0], split, runs, log, bin_dir)
+            run = finetune(source, variant(source)[0], split, runs, log, bin_dir, size)
         generated_dirs[name] = generate(name, run, flags, split, work, log, bin_dir)
         times[name] = round(time.time() - started, 1)
         print(f"{name}: data, fine-tune and generation ready ({times[name]} s)", flush=True)
 
     split = work / "split-tokens"  # every variant is scored on the same test images (same keys, same pixels)
-    size = 64
     shots = load_pairs(split / "shots", size, defects=True)
     goods = load_pairs(split / "shots", size, defects=False).images
     test = load_test((validation or split) / "test", size)
@@ -222,6 +241,7 @@ def main() -> int:
     comparisons = [c for c in compare(evidence_by, test.types, baselines=("full", *baselines))
                    if c["arm"] not in baselines]
     results = {"settings": {"arm": args.arm, "seeds": args.seeds, "steps": args.steps, "width": args.width,
+                            "resolution_px": size,
                             "scored_on": str((validation or split) / "test"), "baselines": baselines,
                             "variants": {v: {"training_overrides": specs[v][0], "generation_flags": specs[v][1]}
                                          for v in variants}},
@@ -245,7 +265,7 @@ def markdown(results: dict) -> str:
     s, env = results["settings"], results["environment"]
     lines = ["# Ablation: what each part of the method adds", "",
              f"Each variant's generated pairs scored in the `{s['arm']}` arm: {s['seeds']} segmenter seeds, "
-             f"{s['steps']} steps, width {s['width']}; scored on {s.get('scored_on', 'the test set')}: "
+             f"{s['steps']} steps, width {s['width']}, {s.get('resolution_px', 64)} px; scored on {s.get('scored_on', 'the test set')}: "
              f"{results['test']['defect_images']} defect and {results['test']['good_images']} good images (synthetic v2)."
              + (f" Arms without generated pairs, same seeds: {', '.join(s['baselines'])}." if s.get("baselines") else ""),
              f"Device: {env['device']}, load average {'/'.join(f'{x:.2f}' for x in env['load_average'])} at the end; "

@@ -538,8 +538,10 @@ def test_diversity_is_zero_for_the_shots_redrawn_and_positive_for_unseen_defects
     assert "generated / reference" in capsys.readouterr().out
 
 
-def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script, monkeypatch, tmp_path):
+def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script, monkeypatch, tmp_path, split_dir):
     bench = load_script("benchmarks/ablation.py")
+    drawn = bench.drawn_at(split_dir)
+    assert drawn is not None and bench.drawn_at(tmp_path) is None
     monkeypatch.setattr(bench, "ATTENTION_32_BASE", str(tmp_path / "no-base"))
     assert bench.variant("guidance-2+pairs-96") == ([], ["--guidance-scale", "2", "--num-per-type", "96"], False, "full")
     assert bench.variant("keep-recognisable")[3] == "full"  # generation only: the full method's fine-tune
@@ -552,7 +554,9 @@ def test_ablation_levers_parse_combine_and_bad_ones_are_one_sentence(load_script
                           (["--baselines", "generated"], "real and copy-paste only"),
                           (["--validation", str(tmp_path / "none")], "no test side"),
                           (["--variants", "full,attention-32"], "attention-32 needs its base"),
-                          (["--variants", "full,attention-32-long"], "attention-32-long needs its base")):
+                          (["--variants", "full,attention-32-long"], "attention-32-long needs its base"),
+                          (["--validation", str(split_dir), "--resolution-px", str(drawn + 32)],
+                           f"drawn at {drawn} px and the ablation runs at {drawn + 32} px")):
         monkeypatch.setattr("sys.argv", ["ablation.py", "--work", str(tmp_path / "w"), *argv])
         with pytest.raises(SystemExit, match=message):
             bench.main()
